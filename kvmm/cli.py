@@ -1,0 +1,107 @@
+"""The ``kvmm`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from . import __version__
+from .errors import ConfigError, KvmmError
+from .memory import parse_size
+from .vm import DEFAULT_CMDLINE, EXIT_DEBUG_BASE, Machine, Outcome, VmConfig
+
+LOG = logging.getLogger("kvmm")
+
+EPILOG = f"""\
+The kernel command line is '{" ".join(DEFAULT_CMDLINE)}' plus --cmdline; a parameter
+given in --cmdline replaces the default of the same name (e.g. console=hvc0).
+
+exit status:
+  0   the guest powered off or reset (reboot=k, triple fault), or, where guest user
+      space cannot run (software-nested KVM), the kernel started init
+  1   kvmm failed (internal or KVM error)
+  2   invalid command-line usage
+  3   the guest kernel panicked (with panic=-1, the default)
+  4   a vCPU failed: KVM could not emulate an instruction or enter the guest
+ 10   kernel or initrd missing, unreadable or not a bootable image
+ 12   guest memory could not be provided (more than available, no hugepages)
+ 13   /dev/kvm is missing or not accessible
+ {EXIT_DEBUG_BASE}+v the guest wrote v (0-63) to the debug-exit port 0x501
+ 130/143 interrupted by SIGINT/SIGTERM (or Ctrl-A x on the console)
+"""
+
+
+def _console(value: str) -> str | None:
+    if value == "stdio":
+        return None
+    if value.startswith("file:") and len(value) > 5:
+        return value[5:]
+    raise argparse.ArgumentTypeError("expected 'stdio' or 'file:PATH'")
+
+
+def _stop_at_init(value: str) -> bool | None:
+    choices = {"auto": None, "yes": True, "no": False}
+    if value not in choices:
+        raise argparse.ArgumentTypeError("expected auto, yes or no")
+    return choices[value]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kvmm",
+        description="Boot a Linux kernel in a KVM virtual machine, with its console on your terminal.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--kernel", required=True, metavar="PATH", help="kernel image: ELF vmlinux or bzImage (x86-64)")
+    p.add_argument("--initrd", metavar="PATH", help="initial ramdisk (e.g. a gzip cpio archive)")
+    p.add_argument("--cmdline", default="", metavar="STR", help="extra kernel command-line parameters")
+    p.add_argument("--mem", default="512M", metavar="SIZE", help="guest RAM, e.g. 256M or 2G (default: 512M)")
+    p.add_argument("--cpus", type=int, default=1, metavar="N", help="number of vCPUs (default: 1)")
+    p.add_argument("--hugepages", action="store_true", help="back guest RAM with the host's reserved hugepages")
+    p.add_argument("--console", type=_console, default=None, metavar="stdio|file:PATH",
+                   help="where the serial console's output goes (default: stdio)")
+    p.add_argument("--stop-at-init", type=_stop_at_init, default=None, metavar="auto|yes|no",
+                   help="end the VM when the kernel starts init (default auto: only where guest user space cannot run)")
+    p.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+    p.add_argument("-v", "--verbose", action="store_true", help="log debugging detail")
+    p.add_argument("--version", action="version", version=f"kvmm {__version__}")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="kvmm: %(message)s", stream=sys.stderr)
+    try:
+        config = VmConfig(
+            kernel=args.kernel,
+            initrd=args.initrd,
+            cmdline=args.cmdline,
+            mem_size=parse_size(args.mem),
+            cpus=args.cpus,
+            hugepages=args.hugepages,
+            console_path=args.console,
+            stop_at_init=args.stop_at_init,
+        )
+        with Machine(config) as machine:
+            result = machine.run()
+            exits = machine.stats.exits
+    except ConfigError as exc:
+        print(f"kvmm: error: {exc}", file=sys.stderr)
+        return exc.exit_status
+    except KvmmError as exc:
+        print(f"kvmm: error: {exc}", file=sys.stderr)
+        return exc.exit_status
+    status = result.exit_status
+    if result.outcome in (Outcome.VCPU_ERROR, Outcome.VMM_ERROR, Outcome.PANIC):
+        print(f"\nkvmm: error: {result.message}", file=sys.stderr)
+    else:
+        LOG.info("%s (exit status %d)", result.message, status)
+    LOG.debug("exits: %s", dict(exits))
+    return status
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""The host end of the guest console: buffered output, line watching, terminal input.
+
+:class:`ConsoleOutput` receives the bytes the guest transmits, writes them to stdout or a
+file (flushed at each newline and periodically), keeps the last lines for error reports,
+and hands every complete line to listeners, which is how kvmm notices a kernel panic or
+the start of init. :class:`TerminalInput` puts a terminal into raw mode and restores it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import termios
+import threading
+import tty
+from collections import deque
+from typing import Callable
+
+LOG = logging.getLogger(__name__)
+
+LineListener = Callable[[bytes], None]
+FLUSH_THRESHOLD = 4096
+ESCAPE_CHAR = 0x01  # Ctrl-A, then 'x' quits (as QEMU's -nographic)
+
+
+class ConsoleOutput:
+    def __init__(self, fd: int | None = None, path: str | None = None, keep_lines: int = 100) -> None:
+        self._own_fd = False
+        if path is not None:
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            except OSError as exc:
+                from .errors import ConfigError
+
+                raise ConfigError(f"cannot open console file {path!r}: {exc.strerror}") from None
+            self._own_fd = True
+        self.fd = sys.stdout.fileno() if fd is None else fd
+        self.lock = threading.Lock()
+        self._pending = bytearray()
+        self._line = bytearray()
+        self.last_lines: deque[bytes] = deque(maxlen=keep_lines)
+        self.listeners: list[LineListener] = []
+        self.bytes_written = 0
+
+    def write(self, data: bytes) -> None:
+        with self.lock:
+            self._pending += data
+            self.bytes_written += len(data)
+            nl = data.find(b"\n")
+            if nl < 0:
+                self._line += data
+                if len(self._pending) >= FLUSH_THRESHOLD:
+                    self._flush_locked()
+                return
+            self._line += data
+            lines = self._line.split(b"\n")
+            self._line = bytearray(lines.pop())
+            self._flush_locked()
+        for raw in lines:
+            line = bytes(raw).rstrip(b"\r")
+            self.last_lines.append(line)
+            for listener in self.listeners:
+                listener(line)
+
+    def _flush_locked(self) -> None:
+        if not self._pending:
+            return
+        data = bytes(self._pending)
+        self._pending.clear()
+        try:
+            while data:
+                n = os.write(self.fd, data)
+                data = data[n:]
+        except BlockingIOError:
+            pass  # a non-blocking terminal that is full: drop rather than stall the vCPU
+        except OSError as exc:
+            LOG.warning("console output failed: %s", exc.strerror)
+
+    def flush(self) -> None:
+        with self.lock:
+            self._flush_locked()
+
+    def tail(self, n: int = 20) -> str:
+        return "\n".join(line.decode(errors="replace") for line in list(self.last_lines)[-n:])
+
+    def close(self) -> None:
+        self.flush()
+        if self._own_fd:
+            os.close(self.fd)
+            self._own_fd = False
+
+
+class TerminalInput:
+    """Raw mode on a terminal stdin (restored by :meth:`restore`), with a Ctrl-A escape."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.is_tty = os.isatty(fd)
+        self._saved: list | None = None  # type: ignore[type-arg]
+        self._escape = False
+
+    def enter_raw(self) -> None:
+        if self.is_tty and self._saved is None:
+            self._saved = termios.tcgetattr(self.fd)
+            tty.setraw(self.fd)
+
+    def restore(self) -> None:
+        if self._saved is not None:
+            termios.tcsetattr(self.fd, termios.TCSADRAIN, self._saved)
+            self._saved = None
+
+    def filter(self, data: bytes) -> tuple[bytes, bool]:
+        """Strip the escape sequences from terminal input; ``(bytes for the guest, quit)``."""
+        if not self.is_tty:
+            return data, False
+        out = bytearray()
+        for b in data:
+            if self._escape:
+                self._escape = False
+                if b in (ord("x"), ord("X")):
+                    return bytes(out), True
+                out.append(b)  # Ctrl-A Ctrl-A sends one Ctrl-A
+            elif b == ESCAPE_CHAR:
+                self._escape = True
+            else:
+                out.append(b)
+        return bytes(out), False

@@ -1,0 +1,1 @@
+"""Emulated platform devices (port I/O)."""

@@ -1,0 +1,78 @@
+"""kvmm's exception hierarchy: everything kvmm raises on purpose is a :class:`KvmmError`.
+
+::
+
+    KvmmError                      exit_status 1 unless a subclass says otherwise
+    ├── ConfigError                bad command-line value (size syntax, cpu count)   2
+    ├── KvmUnavailableError        /dev/kvm missing, not permitted, wrong API        13
+    ├── KvmError(ioctl, errno)     a KVM ioctl failed                                1
+    ├── GuestMemoryError(gpa, n)   an access outside guest RAM                       1
+    ├── MemoryConfigError          more memory than the host has, no hugepages      12
+    ├── KernelImageError           missing, unreadable or malformed kernel/initrd   10
+    └── DiskError                  missing, unreadable, locked or read-only disk    11
+
+The CLI maps each to its ``exit_status`` and prints ``kvmm: error: <message>`` (README).
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+
+
+class KvmmError(Exception):
+    """Root of every error kvmm raises on purpose."""
+
+    exit_status = 1
+
+
+class ConfigError(KvmmError):
+    """A command-line or API option has an invalid value."""
+
+    exit_status = 2
+
+
+class KvmUnavailableError(KvmmError):
+    """/dev/kvm cannot be used on this host."""
+
+    exit_status = 13
+
+
+class KvmError(KvmmError):
+    """A KVM ioctl failed."""
+
+    def __init__(self, ioctl: str, err: int, detail: str = "") -> None:
+        self.ioctl = ioctl
+        self.errno = err
+        name = _errno.errorcode.get(err, str(err))
+        msg = f"{ioctl} failed: {name} ({os.strerror(err)})"
+        if detail:
+            msg += f": {detail}"
+        super().__init__(msg)
+
+
+class GuestMemoryError(KvmmError):
+    """An access to guest-physical range ``[gpa, gpa+length)`` that is not all RAM."""
+
+    def __init__(self, gpa: int, length: int) -> None:
+        self.gpa = gpa
+        self.length = length
+        super().__init__(f"guest memory access [{gpa:#x}, +{length:#x}) is outside guest RAM")
+
+
+class MemoryConfigError(KvmmError):
+    """Guest memory cannot be provided as requested."""
+
+    exit_status = 12
+
+
+class KernelImageError(KvmmError):
+    """The kernel or initrd image cannot be loaded."""
+
+    exit_status = 10
+
+
+class DiskError(KvmmError):
+    """A disk image cannot be opened as requested."""
+
+    exit_status = 11

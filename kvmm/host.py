@@ -1,0 +1,60 @@
+"""Host KVM kind detection and the workarounds a software-nested KVM needs.
+
+On ``kvm_pvm`` (a page-table-based nested KVM without VT-x/AMD-V, see the project's
+host notes) KVM's instruction emulator runs much guest code and cannot emulate some
+instructions. Kernel parameters keep the guest away from them (``noxsave``,
+``clearcpuid=smap,popcnt``; CPUID filtering does not hide them there), and an ``int3``
+that fails emulation is delivered to the guest by hand (see :mod:`kvmm.vm`). Guest user
+space cannot make system calls there, so a Linux boot ends at the kernel's exec of init.
+On hardware KVM none of this applies and nothing changes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+LOG = logging.getLogger(__name__)
+
+PVM_MODULE = "/sys/module/kvm_pvm"
+
+
+@dataclass(frozen=True)
+class HostKind:
+    name: str  # "hardware" or "kvm_pvm"
+    extra_cmdline: tuple[str, ...]
+    inject_int3: bool
+    userspace_works: bool
+
+    @property
+    def software_nested(self) -> bool:
+        return self.name != "hardware"
+
+
+HARDWARE = HostKind("hardware", (), inject_int3=False, userspace_works=True)
+PVM = HostKind(
+    "kvm_pvm",
+    # noxsave: xsave/xrstor cannot be emulated; clearcpuid: nor can clac or popcnt.
+    # lpj/tsc=reliable skip calibration loops that take minutes in the emulator.
+    ("noxsave", "clearcpuid=smap,popcnt", "lpj=1000000", "tsc=reliable"),
+    inject_int3=True,
+    userspace_works=False,
+)
+
+
+def detect_host(sysfs_module: str = PVM_MODULE) -> HostKind:
+    """The kind of KVM this host provides; ``KVMM_HOST_KIND`` overrides (for tests)."""
+    forced = os.environ.get("KVMM_HOST_KIND")
+    if forced:
+        return PVM if forced == "kvm_pvm" else HARDWARE
+    return PVM if os.path.isdir(sysfs_module) else HARDWARE
+
+
+def build_cmdline(user: str, defaults: tuple[str, ...], workarounds: tuple[str, ...] = ()) -> str:
+    """Defaults, then host workarounds, then the user's words; a key the user gives
+    (``console=``, ``panic=``...) drops the default or workaround of the same key."""
+    user_words = user.split()
+    user_keys = {w.split("=", 1)[0] for w in user_words}
+    kept = [w for w in (*defaults, *workarounds) if w.split("=", 1)[0] not in user_keys]
+    return " ".join(kept + user_words)

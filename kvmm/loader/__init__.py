@@ -1,0 +1,63 @@
+"""Kernel loading: ELF ``vmlinux`` or bzImage, initrd, command line, zero page and e820."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from ..errors import KernelImageError
+from ..memory import GuestMemory
+from . import bootparams as bp
+from .bzimage import is_bzimage, load_bzimage
+from .elf import ELF_MAGIC, load_elf
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BootInfo:
+    """Where the vCPU starts: a 64-bit ``entry`` with ``rsi`` = ``boot_params``."""
+
+    kind: str  # "vmlinux" or "bzImage"
+    entry: int
+    boot_params: int
+    kernel_end: int
+    initrd: tuple[int, int] | None  # (address, size)
+
+
+def read_image(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise KernelImageError(f"{what} {path!r} does not exist") from None
+    except IsADirectoryError:
+        raise KernelImageError(f"{what} {path!r} is a directory") from None
+    except OSError as exc:
+        raise KernelImageError(f"cannot read {what} {path!r}: {exc.strerror}") from None
+
+
+def load_linux(mem: GuestMemory, kernel: bytes, cmdline: str, initrd: bytes | None = None, name: str = "kernel") -> BootInfo:
+    """Load a Linux kernel image for a 64-bit direct boot and build its zero page."""
+    if kernel[:4] == ELF_MAGIC:
+        elf = load_elf(mem, kernel, name)
+        kind, entry, kernel_end = "vmlinux", elf.entry, elf.end
+        zp = bp.ZeroPage()
+    elif is_bzimage(kernel):
+        bz = load_bzimage(mem, kernel, name)
+        kind, entry = "bzImage", bz.entry
+        kernel_end = bz.load_addr + max(len(kernel) - bz.payload_offset, bz.init_size)
+        zp = bp.ZeroPage(bz.setup_header)
+    else:
+        raise KernelImageError(f"{name}: neither an ELF vmlinux nor a bzImage")
+    bp.write_cmdline(mem, cmdline, zp.get_u32(bp.HDR_CMDLINE_SIZE) or 255)
+    zp.set_cmdline(bp.CMDLINE_ADDR)
+    where = None
+    if initrd is not None:
+        addr = bp.place_initrd(mem, initrd, kernel_end, zp.get_u32(bp.HDR_INITRD_ADDR_MAX) or 0x37FF_FFFF)
+        zp.set_ramdisk(addr, len(initrd))
+        where = (addr, len(initrd))
+    zp.set_e820(bp.e820_map(mem))
+    mem.write(bp.BOOT_PARAMS_ADDR, zp.buf)
+    LOG.debug("loaded %s: entry %#x, end %#x, initrd %s", kind, entry, kernel_end, where)
+    return BootInfo(kind, entry, bp.BOOT_PARAMS_ADDR, kernel_end, where)

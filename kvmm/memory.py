@@ -1,0 +1,199 @@
+"""Guest RAM: allocation (anonymous mmap, optional hugepages) and :class:`GuestMemory`.
+
+:class:`GuestMemory` is the only way into guest RAM (as rust-vmm's vm-memory): every
+access checks the whole ``[gpa, gpa+n)`` against one region, rejecting negative and
+overflowing values, and raises :class:`~kvmm.errors.GuestMemoryError`. Python slicing
+silently truncates and wraps negative indices, so no other code slices the mapping.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import mmap
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ConfigError, GuestMemoryError, MemoryConfigError
+
+LOG = logging.getLogger(__name__)
+
+MAP_HUGETLB = getattr(mmap, "MAP_HUGETLB", 0x40000)
+MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
+
+# x86 layout: RAM below the 32-bit PCI/MMIO hole, the rest above 4 GiB.
+LOW_RAM_END = 0xC000_0000
+HIGH_RAM_START = 0x1_0000_0000
+
+_SIZE_SUFFIXES = {"": 1 << 20, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """Parse a memory size such as ``256M``, ``2G``, ``512`` (MiB) or ``1048576K``."""
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    num, suffix = (t[:-1], t[-1]) if t and t[-1] in "KMGT" else (t, "")
+    if not num.isdigit() or int(num) == 0:
+        raise ConfigError(f"invalid memory size {text!r}: expected a positive number with an optional K/M/G suffix, e.g. 256M or 2G")
+    return int(num) * _SIZE_SUFFIXES[suffix]
+
+
+@dataclass(frozen=True)
+class Region:
+    """``size`` bytes of guest-physical memory at ``gpa``, at ``offset`` in the mapping."""
+
+    gpa: int
+    size: int
+    offset: int
+
+    @property
+    def end(self) -> int:
+        return self.gpa + self.size
+
+
+def x86_regions(size: int) -> list[Region]:
+    """Split ``size`` bytes of RAM around the 32-bit MMIO hole."""
+    if size <= LOW_RAM_END:
+        return [Region(0, size, 0)]
+    return [Region(0, LOW_RAM_END, 0), Region(HIGH_RAM_START, size - LOW_RAM_END, LOW_RAM_END)]
+
+
+def _hugepages_free() -> tuple[int, int]:
+    """(free hugepages, hugepage size in bytes) from /proc/meminfo."""
+    free = size_kb = 0
+    with open("/proc/meminfo", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("HugePages_Free:"):
+                free = int(line.split()[1])
+            elif line.startswith("Hugepagesize:"):
+                size_kb = int(line.split()[1])
+    return free, size_kb * 1024
+
+
+class GuestMemory:
+    """Bounds-checked access to guest RAM backed by one host mapping."""
+
+    def __init__(self, mapping: Any, regions: list[Region]) -> None:
+        ordered = sorted(regions, key=lambda r: r.gpa)
+        for prev, nxt in zip(ordered, ordered[1:]):
+            if prev.end > nxt.gpa:
+                raise ValueError(f"guest memory regions overlap at {nxt.gpa:#x}")
+        for r in ordered:
+            if r.gpa < 0 or r.size <= 0 or r.offset < 0 or r.offset + r.size > len(mapping):
+                raise ValueError(f"invalid guest memory region {r}")
+        self._map = mapping
+        self._view = memoryview(mapping)
+        self.regions = tuple(ordered)
+        self.size = sum(r.size for r in ordered)
+
+    @classmethod
+    def allocate(cls, size: int, hugepages: bool = False, check_available: bool = True) -> GuestMemory:
+        """Anonymous private RAM of ``size`` bytes, laid out for x86."""
+        if size < (1 << 20):
+            raise MemoryConfigError(f"guest memory of {size} bytes is too small: give at least 1M")
+        if check_available:
+            import psutil
+
+            avail = psutil.virtual_memory().available
+            if size > avail:
+                raise MemoryConfigError(
+                    f"guest memory of {size >> 20} MiB is more than the {avail >> 20} MiB this host has available"
+                )
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE
+        if hugepages:
+            free, page = _hugepages_free()
+            if page == 0 or free * page < size:
+                raise MemoryConfigError(
+                    f"--hugepages needs {size >> 20} MiB of hugepages, the host has {free} free "
+                    f"of {page >> 10} KiB (reserve more: echo N > /proc/sys/vm/nr_hugepages)"
+                )
+            if size % page:
+                raise MemoryConfigError(f"with --hugepages the memory size must be a multiple of {page >> 10} KiB")
+            flags |= MAP_HUGETLB
+        try:
+            mapping = mmap.mmap(-1, size, flags, mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as exc:
+            raise MemoryConfigError(f"cannot map {size >> 20} MiB of guest memory: {exc.strerror}") from None
+        LOG.debug("guest RAM: %d MiB%s", size >> 20, " on hugepages" if hugepages else "")
+        return cls(mapping, x86_regions(size))
+
+    def host_address(self, region: Region) -> int:
+        """The host virtual address of ``region`` (for KVM_SET_USER_MEMORY_REGION)."""
+        base = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
+        return base + region.offset
+
+    def close(self) -> None:
+        self._view.release()
+        try:
+            self._map.close()
+        except BufferError:  # a ctypes view still pins it; it goes with the process
+            pass
+
+    # --- access ------------------------------------------------------------------------
+    def _offset(self, gpa: int, n: int) -> int:
+        """Mapping offset of ``[gpa, gpa+n)``, which must lie inside one region."""
+        if gpa >= 0 and n >= 0:
+            for r in self.regions:
+                if r.gpa <= gpa and gpa + n <= r.end:
+                    return r.offset + (gpa - r.gpa)
+        raise GuestMemoryError(gpa, n)
+
+    def contains(self, gpa: int, n: int) -> bool:
+        try:
+            self._offset(gpa, n)
+        except GuestMemoryError:
+            return False
+        return True
+
+    def view(self, gpa: int, n: int) -> memoryview:
+        """A zero-copy writable view of ``[gpa, gpa+n)`` (for preadv/pwritev)."""
+        off = self._offset(gpa, n)
+        return self._view[off : off + n]
+
+    def read(self, gpa: int, n: int) -> bytes:
+        off = self._offset(gpa, n)
+        return self._view[off : off + n].tobytes()
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        n = len(data)
+        off = self._offset(gpa, n)
+        self._view[off : off + n] = data
+
+    def fill(self, gpa: int, n: int, byte: int = 0) -> None:
+        off = self._offset(gpa, n)
+        self._map[off : off + n] = bytes([byte]) * n
+
+    def read_struct(self, gpa: int, fmt: struct.Struct) -> tuple[Any, ...]:
+        return fmt.unpack_from(self._view, self._offset(gpa, fmt.size))
+
+    def write_struct(self, gpa: int, fmt: struct.Struct, *values: Any) -> None:
+        fmt.pack_into(self._view, self._offset(gpa, fmt.size), *values)
+
+    def read_u8(self, gpa: int) -> int:
+        return self._view[self._offset(gpa, 1)]
+
+    def read_u16(self, gpa: int) -> int:
+        return int(_U16.unpack_from(self._view, self._offset(gpa, 2))[0])
+
+    def read_u32(self, gpa: int) -> int:
+        return int(_U32.unpack_from(self._view, self._offset(gpa, 4))[0])
+
+    def read_u64(self, gpa: int) -> int:
+        return int(_U64.unpack_from(self._view, self._offset(gpa, 8))[0])
+
+    def write_u8(self, gpa: int, value: int) -> None:
+        self._view[self._offset(gpa, 1)] = value & 0xFF
+
+    def write_u16(self, gpa: int, value: int) -> None:
+        _U16.pack_into(self._view, self._offset(gpa, 2), value & 0xFFFF)
+
+    def write_u32(self, gpa: int, value: int) -> None:
+        _U32.pack_into(self._view, self._offset(gpa, 4), value & 0xFFFF_FFFF)
+
+    def write_u64(self, gpa: int, value: int) -> None:
+        _U64.pack_into(self._view, self._offset(gpa, 8), value & 0xFFFF_FFFF_FFFF_FFFF)
+
+
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")

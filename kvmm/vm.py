@@ -1,0 +1,441 @@
+"""The virtual machine: KVM objects, guest RAM, loaded kernel, devices and vCPU threads.
+
+One thread per vCPU sits in KVM_RUN (the ioctl releases the GIL) and dispatches port-I/O
+exits to the :class:`~kvmm.devices.bus.PioBus`. The thread that calls :meth:`Machine.run`
+serves console input, periodic output flushes and signals, and collects the result. A
+guest-triggered stop (reset, power-off, debug exit, panic) or a vCPU failure ends the run
+with a :class:`VmResult`; nothing a guest does raises out of a vCPU thread.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import re
+import selectors
+import signal
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from . import x86
+from .console import ConsoleOutput, TerminalInput
+from .devices.bus import PioBus
+from .devices.cmos import Cmos
+from .devices.debug import DEBUG_EXIT_PORT, POST_PORT, DebugExit, PostCode
+from .devices.i8042 import I8042
+from .devices.serial import COM1_BASE, COM1_IRQ, Serial8250
+from .errors import ConfigError, KvmError, KvmmError, KvmUnavailableError
+from .host import HostKind, build_cmdline, detect_host
+from .kvm import ioctls as K
+from .kvm.exits import (
+    FailEntryExit,
+    HltExit,
+    InternalErrorExit,
+    InterruptedExit,
+    IoExit,
+    MmioExit,
+    ShutdownExit,
+    SystemEventExit,
+)
+from .kvm.system import Kvm, Vcpu
+from .loader import BootInfo, load_linux, read_image
+from .loader import bootparams as bp
+from .memory import GuestMemory
+
+LOG = logging.getLogger(__name__)
+
+DEFAULT_CMDLINE = ("console=ttyS0", "panic=-1", "reboot=k")
+TSS_ADDR = 0xFFFB_D000
+IDENTITY_MAP_ADDR = 0xFFFB_C000
+MAX_CPUS = 16  # the MP table lives in the 1 KiB below 640 KiB
+KICK_SIGNAL = signal.SIGUSR1
+
+PANIC_MARKER = b"Kernel panic - not syncing"
+INIT_RE = re.compile(rb"Run (\S+) as init process")
+
+
+class Outcome(enum.Enum):
+    POWEROFF = "poweroff"
+    RESET = "reset"
+    PANIC = "panic"
+    DEBUG_EXIT = "debug-exit"
+    INIT_REACHED = "init-reached"
+    VCPU_ERROR = "vcpu-error"
+    VMM_ERROR = "vmm-error"
+    INTERRUPTED = "interrupted"
+
+
+# Exit statuses of the kvmm command (documented in the README).
+EXIT_OK = 0
+EXIT_VMM_ERROR = 1
+EXIT_PANIC = 3
+EXIT_VCPU_ERROR = 4
+EXIT_DEBUG_BASE = 64
+
+
+@dataclass(frozen=True)
+class VmResult:
+    outcome: Outcome
+    message: str = ""
+    debug_value: int | None = None
+    signal: int | None = None
+
+    @property
+    def exit_status(self) -> int:
+        if self.outcome in (Outcome.POWEROFF, Outcome.RESET, Outcome.INIT_REACHED):
+            return EXIT_OK
+        if self.outcome is Outcome.PANIC:
+            return EXIT_PANIC
+        if self.outcome is Outcome.VCPU_ERROR:
+            return EXIT_VCPU_ERROR
+        if self.outcome is Outcome.DEBUG_EXIT:
+            return EXIT_DEBUG_BASE + ((self.debug_value or 0) & 0x3F)
+        if self.outcome is Outcome.INTERRUPTED:
+            return 128 + (self.signal or signal.SIGINT)
+        return EXIT_VMM_ERROR
+
+
+@dataclass
+class VmConfig:
+    kernel: str
+    initrd: str | None = None
+    cmdline: str = ""
+    mem_size: int = 512 << 20
+    cpus: int = 1
+    hugepages: bool = False
+    console_path: str | None = None  # None: stdout
+    stdin: bool = True
+    stop_at_init: bool | None = None  # None: where guest user space cannot run
+    host: HostKind | None = None
+    default_cmdline: tuple[str, ...] = DEFAULT_CMDLINE
+
+
+@dataclass
+class VmStats:
+    exits: Counter[str] = field(default_factory=Counter)
+    int3_injected: int = 0
+    started: float = field(default_factory=time.monotonic)
+    init_seconds: float | None = None
+
+
+class Machine:
+    """A configured VM, ready to :meth:`run` once; :meth:`close` frees everything."""
+
+    def __init__(self, config: VmConfig) -> None:
+        if not 1 <= config.cpus <= MAX_CPUS:
+            raise ConfigError(f"--cpus must be between 1 and {MAX_CPUS}, not {config.cpus}")
+        self.config = config
+        self.host = config.host or detect_host()
+        self.stats = VmStats()
+        self._result: VmResult | None = None
+        self._result_lock = threading.Lock()
+        self._done = threading.Event()
+        self._stopping = False
+        self._threads: list[threading.Thread] = []
+        self._kvm: Kvm | None = None
+        self.mem: GuestMemory | None = None
+        self.console: ConsoleOutput | None = None
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    # --- construction --------------------------------------------------------------------
+    def _build(self) -> None:
+        cfg = self.config
+        kernel = read_image(cfg.kernel, "kernel")
+        initrd = read_image(cfg.initrd, "initrd") if cfg.initrd else None
+        self.cmdline = build_cmdline(cfg.cmdline, cfg.default_cmdline, self.host.extra_cmdline)
+        if self.host.software_nested:
+            LOG.info(
+                "host KVM is %s (software nested, no VT-x/AMD-V): adding kernel parameters '%s'%s",
+                self.host.name,
+                " ".join(self.host.extra_cmdline),
+                " and delivering int3 by hand" if self.host.inject_int3 else "",
+            )
+        self.stop_at_init = (not self.host.userspace_works) if cfg.stop_at_init is None else cfg.stop_at_init
+
+        self._kvm = kvm = Kvm()
+        for cap, name in ((K.KVM_CAP_IRQCHIP, "in-kernel irqchip"), (K.KVM_CAP_PIT2, "in-kernel PIT"),
+                          (K.KVM_CAP_USER_MEMORY, "user memory"), (K.KVM_CAP_IMMEDIATE_EXIT, "immediate_exit")):
+            if not kvm.check_extension(cap):
+                raise KvmUnavailableError(f"this host's KVM lacks the {name} capability kvmm needs")
+        self.mem = mem = GuestMemory.allocate(cfg.mem_size, cfg.hugepages)
+        self.vm = vm = kvm.create_vm()
+        vm.set_tss_addr(TSS_ADDR)
+        if kvm.check_extension(K.KVM_CAP_SET_IDENTITY_MAP_ADDR):
+            vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
+        vm.create_irqchip()
+        vm.create_pit2()
+        for slot, region in enumerate(mem.regions):
+            vm.set_user_memory_region(slot, region.gpa, region.size, mem.host_address(region))
+
+        self.boot: BootInfo = load_linux(mem, kernel, self.cmdline, initrd, name=cfg.kernel)
+        x86.write_boot_tables(mem)
+        mptable = x86.build_mptable(cfg.cpus)
+        mem.write(bp.EBDA_START, mptable)
+        LOG.info("%s %s, %d MiB, %d vCPU%s, cmdline: %s", self.boot.kind, cfg.kernel, cfg.mem_size >> 20,
+                 cfg.cpus, "s" if cfg.cpus > 1 else "", self.cmdline)
+
+        self.console = ConsoleOutput(path=cfg.console_path)
+        self.console.listeners.append(self._watch_console)
+        self.pio = pio = PioBus()
+        self.serial = Serial8250(self.console.write, lambda level: vm.irq_line(COM1_IRQ, level))
+        pio.register(COM1_BASE, 8, self.serial)
+        self.i8042 = I8042(lambda: self.stop(VmResult(Outcome.RESET, "guest reset through the i8042")))
+        pio.register(0x60, 5, self.i8042)
+        pio.register(0x70, 2, Cmos())
+        self.post = PostCode()
+        pio.register(POST_PORT, 1, self.post)
+        pio.register(DEBUG_EXIT_PORT, 1, DebugExit(self._debug_exit))
+
+        supported = kvm.supported_cpuid()
+        msrs = x86.boot_msrs()
+        for i in range(cfg.cpus):
+            vcpu = vm.create_vcpu(i)
+            x86.setup_cpuid(kvm, vcpu, cfg.cpus, supported)
+            self._set_msrs(vcpu, msrs)
+            x86.setup_fpu(vcpu)
+            x86.setup_lapic(vcpu)
+            if i == 0:
+                x86.setup_long_mode(vcpu, self.boot.entry, self.boot.boot_params)
+
+    @staticmethod
+    def _set_msrs(vcpu: Vcpu, msrs: dict[int, int]) -> None:
+        try:
+            vcpu.set_msrs(msrs)
+        except KvmError:
+            # Some KVMs refuse an MSR of the list (emulated ones differ); set what they take.
+            for index, value in msrs.items():
+                try:
+                    vcpu.set_msrs({index: value})
+                except KvmError:
+                    LOG.debug("KVM refused MSR %#x; left at its reset value", index)
+
+    # --- stopping ------------------------------------------------------------------------
+    def stop(self, result: VmResult) -> None:
+        """End the run with ``result`` (the first result wins) and kick every vCPU out."""
+        with self._result_lock:
+            if self._result is None:
+                self._result = result
+        self._stopping = True
+        me = threading.get_ident()
+        for vcpu, thread in zip(self.vm.vcpus, self._threads):
+            vcpu.kick()
+            if thread.ident is not None and thread.ident != me and thread.is_alive():
+                try:
+                    signal.pthread_kill(thread.ident, KICK_SIGNAL)
+                except (ProcessLookupError, OSError):
+                    pass
+        self._done.set()
+
+    def _debug_exit(self, value: int) -> None:
+        self.stop(VmResult(Outcome.DEBUG_EXIT, f"guest wrote {value:#x} to the debug-exit port", debug_value=value))
+
+    def _watch_console(self, line: bytes) -> None:
+        if PANIC_MARKER in line:
+            self._panicked = line.decode(errors="replace").strip()
+        m = INIT_RE.search(line)
+        if m and self.stats.init_seconds is None:
+            self.stats.init_seconds = time.monotonic() - self.stats.started
+            LOG.info("guest kernel ran %s %.1f s after start", m.group(1).decode(errors="replace"), self.stats.init_seconds)
+            if self.stop_at_init:
+                self.stop(VmResult(
+                    Outcome.INIT_REACHED,
+                    f"the guest kernel started {m.group(1).decode(errors='replace')}; guest user space cannot make "
+                    f"system calls on {self.host.name} (software-nested KVM), so the boot ends here",
+                ))
+
+    _panicked: str | None = None
+
+    def _guest_reset(self, why: str) -> VmResult:
+        if self._panicked:
+            return VmResult(Outcome.PANIC, f"guest kernel panic: {self._panicked}")
+        return VmResult(Outcome.RESET, why)
+
+    # --- vCPU threads --------------------------------------------------------------------
+    def _vcpu_thread(self, vcpu: Vcpu) -> None:
+        try:
+            self._vcpu_loop(vcpu)
+        except KvmmError as exc:
+            self.stop(VmResult(Outcome.VMM_ERROR, f"vCPU {vcpu.id}: {exc}"))
+        except Exception as exc:  # a kvmm bug: report it, never leave the VM half-running
+            LOG.exception("vCPU %d: internal error", vcpu.id)
+            self.stop(VmResult(Outcome.VMM_ERROR, f"vCPU {vcpu.id}: internal error: {exc!r}"))
+
+    def _vcpu_loop(self, vcpu: Vcpu) -> None:
+        pio = self.pio
+        exits = self.stats.exits
+        run = vcpu.run
+        while not self._stopping:
+            ex = run()
+            kind = type(ex)
+            exits[kind.__name__] += 1
+            if kind is IoExit:
+                size = ex.size
+                data = ex.data
+                if ex.is_write:
+                    if size == 1 and ex.count == 1:
+                        pio.write(ex.port, 1, data[0])
+                    else:
+                        for i in range(0, size * ex.count, size):
+                            pio.write(ex.port, size, int.from_bytes(data[i : i + size], "little"))
+                else:
+                    for i in range(0, size * ex.count, size):
+                        data[i : i + size] = pio.read(ex.port, size).to_bytes(size, "little")
+            elif kind is InterruptedExit:
+                continue
+            elif kind is MmioExit:
+                # No MMIO devices yet: reads see all-ones (nothing decodes the address).
+                if not ex.is_write:
+                    ex.data[:] = b"\xff" * ex.length
+            elif kind is InternalErrorExit:
+                if not self._recover_internal_error(vcpu, ex):
+                    return
+            elif kind is ShutdownExit:
+                self.stop(self._guest_reset("guest triple fault (KVM_EXIT_SHUTDOWN)"))
+            elif kind is SystemEventExit:
+                if ex.type == K.KVM_SYSTEM_EVENT_SHUTDOWN:
+                    self.stop(VmResult(Outcome.POWEROFF, "guest powered off"))
+                elif ex.type == K.KVM_SYSTEM_EVENT_CRASH:
+                    self.stop(VmResult(Outcome.PANIC, "guest reported a crash (KVM_SYSTEM_EVENT_CRASH)"))
+                else:
+                    self.stop(self._guest_reset(f"guest reset (system event {ex.type})"))
+            elif kind is HltExit:
+                self.stop(VmResult(Outcome.POWEROFF, "guest halted"))
+            elif kind is FailEntryExit:
+                self.stop(VmResult(Outcome.VCPU_ERROR, f"vCPU {vcpu.id}: KVM could not enter the guest (hardware reason {ex.hardware_reason:#x})"))
+            else:
+                self.stop(VmResult(Outcome.VCPU_ERROR, f"vCPU {vcpu.id}: unhandled exit {ex}"))
+
+    def _recover_internal_error(self, vcpu: Vcpu, ex: InternalErrorExit) -> bool:
+        """Deliver an int3 the emulator could not (software-nested hosts); else stop."""
+        if ex.suberror == K.KVM_INTERNAL_ERROR_EMULATION and ex.insn[:1] == b"\xcc" and self.host.inject_int3:
+            regs = vcpu.get_regs()
+            regs.rip += 1  # int3 is a trap: the guest's handler sees RIP after it
+            vcpu.set_regs(regs)
+            events = vcpu.get_vcpu_events()
+            events.exception.injected = 1
+            events.exception.nr = 3
+            events.exception.has_error_code = 0
+            events.flags = 0
+            vcpu.set_vcpu_events(events)
+            self.stats.int3_injected += 1
+            return True
+        regs = vcpu.get_regs()
+        what = "KVM could not emulate an instruction" if ex.suberror == K.KVM_INTERNAL_ERROR_EMULATION else f"KVM internal error {ex.suberror}"
+        insn = ex.insn.hex(" ") if ex.insn else "unavailable"
+        self.stop(VmResult(Outcome.VCPU_ERROR, f"vCPU {vcpu.id}: {what} at RIP {regs.rip:#x} (instruction bytes: {insn})"))
+        return False
+
+    # --- running -------------------------------------------------------------------------
+    def start(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(KICK_SIGNAL, lambda signum, frame: None)
+        self.stats.started = time.monotonic()
+        for vcpu in self.vm.vcpus:
+            t = threading.Thread(target=self._vcpu_thread, args=(vcpu,), name=f"vcpu{vcpu.id}", daemon=True)
+            self._threads.append(t)
+        for t in self._threads:
+            t.start()
+
+    def run(self) -> VmResult:
+        """Run until the guest or a signal ends the VM; returns how it ended."""
+        term = TerminalInput(0) if self.config.stdin else None
+        sel = selectors.DefaultSelector()
+        old_handlers = {}
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        old_wakeup = None
+        main = threading.current_thread() is threading.main_thread()
+        try:
+            if main:
+                old_wakeup = signal.set_wakeup_fd(wake_w)
+                for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                    old_handlers[sig] = signal.signal(sig, self._on_signal)
+            sel.register(wake_r, selectors.EVENT_READ)
+            if term is not None:
+                try:
+                    sel.register(0, selectors.EVENT_READ, term)
+                    term.enter_raw()
+                except (ValueError, OSError, PermissionError):
+                    term = None  # stdin closed or not pollable (a regular file): no input
+            self.start()
+            stdin_paused = False
+            while not self._done.is_set():
+                for key, _ in sel.select(timeout=0.05):
+                    if key.fileobj == wake_r:
+                        try:
+                            os.read(wake_r, 512)
+                        except BlockingIOError:
+                            pass
+                    elif term is not None:
+                        self._read_stdin(term, sel)
+                if term is not None and stdin_paused != (self.serial.rx_room() <= 0):
+                    stdin_paused = not stdin_paused
+                    if stdin_paused:
+                        sel.unregister(0)
+                    else:
+                        sel.register(0, selectors.EVENT_READ, term)
+                self.console.flush()
+                if not any(t.is_alive() for t in self._threads):
+                    self.stop(VmResult(Outcome.VMM_ERROR, "all vCPU threads ended"))
+            for t in self._threads:
+                t.join(timeout=5)
+                if t.is_alive():
+                    LOG.warning("%s did not stop within 5 s", t.name)
+        finally:
+            if term is not None:
+                term.restore()
+            if main:
+                for sig, handler in old_handlers.items():
+                    signal.signal(sig, handler)
+                signal.set_wakeup_fd(old_wakeup if old_wakeup is not None else -1)
+            sel.close()
+            os.close(wake_r)
+            os.close(wake_w)
+            self.console.flush()
+        assert self._result is not None
+        return self._result
+
+    def _read_stdin(self, term: TerminalInput, sel: selectors.BaseSelector) -> None:
+        try:
+            data = os.read(0, min(512, max(self.serial.rx_room(), 1)))
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            sel.unregister(0)  # EOF: the guest just sees no more input
+            return
+        data, quit_requested = term.filter(data)
+        if data:
+            self.serial.receive(data)
+        if quit_requested:
+            self.stop(VmResult(Outcome.INTERRUPTED, "quit from the console (Ctrl-A x)", signal=signal.SIGINT))
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.stop(VmResult(Outcome.INTERRUPTED, f"stopped by {signal.Signals(signum).name}", signal=signum))
+
+    def close(self) -> None:
+        for t in self._threads:
+            if t.is_alive():
+                self._stopping = True
+                t.join(timeout=5)
+        if getattr(self, "vm", None) is not None:
+            self.vm.close()
+        if self._kvm is not None:
+            self._kvm.close()
+        if self.mem is not None:
+            self.mem.close()
+        if self.console is not None:
+            self.console.close()
+
+    def __enter__(self) -> Machine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,250 @@
+"""x86-64 vCPU and platform set-up for a 64-bit Linux entry.
+
+What the 64-bit boot protocol requires (Documentation/x86/boot.rst, "64-bit Boot
+Protocol"): long mode with paging, an identity map covering the kernel, boot_params and
+command line; a GDT with flat __BOOT_CS (0x10, execute/read) and __BOOT_DS (0x18,
+read/write); CS = __BOOT_CS, DS/ES/SS = __BOOT_DS; interrupts off; ``rsi`` = boot_params.
+The rest (MSRs, FPU, LAPIC LINT0/LINT1, CPUID topology, MP table) is what Firecracker,
+cloud-hypervisor and kvmtool set so Linux finds a sane machine without a BIOS.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from .kvm.structs import ffi
+from .kvm.system import Kvm, Vcpu
+from .loader import bootparams as bp
+from .memory import GuestMemory
+
+# --- GDT ---------------------------------------------------------------------------------
+BOOT_CS = 0x10
+BOOT_DS = 0x18
+BOOT_TSS = 0x20
+GDT_CODE64 = 0xA09B  # G, L, P, S, type 0xB (execute/read, accessed)
+GDT_DATA = 0xC093  # G, D/B, P, S, type 0x3 (read/write, accessed)
+GDT_TSS = 0x808B  # G, P, type 0xB (busy 64-bit TSS)
+
+CR0_PE = 1 << 0
+CR0_MP = 1 << 1
+CR0_ET = 1 << 4
+CR0_NE = 1 << 5
+CR0_WP = 1 << 16
+CR0_AM = 1 << 18
+CR0_PG = 1 << 31
+CR4_PAE = 1 << 5
+EFER_LME = 1 << 8
+EFER_LMA = 1 << 10
+
+IDENTITY_MAP_GIB = 4  # 2 MiB pages covering the first 4 GiB
+
+
+def gdt_entry(flags: int, base: int, limit: int) -> int:
+    return (
+        ((base & 0xFF00_0000) << 32)
+        | ((base & 0x00FF_FFFF) << 16)
+        | (limit & 0xFFFF)
+        | ((limit & 0xF_0000) << 32)
+        | ((flags & 0xF0FF) << 40)
+    )
+
+
+def boot_gdt() -> list[int]:
+    return [0, 0, gdt_entry(GDT_CODE64, 0, 0xFFFFF), gdt_entry(GDT_DATA, 0, 0xFFFFF), gdt_entry(GDT_TSS, 0, 0xFFFFF)]
+
+
+def segment_from_gdt(entry: int, selector: int) -> dict[str, int]:
+    """A ``struct kvm_segment`` initialiser equivalent to loading ``entry``."""
+    access = (entry >> 40) & 0xFF
+    flags = (entry >> 52) & 0xF
+    limit = (entry & 0xFFFF) | ((entry >> 32) & 0xF_0000)
+    g = (flags >> 3) & 1
+    present = (access >> 7) & 1
+    return {
+        "base": ((entry >> 16) & 0xFF_FFFF) | ((entry >> 32) & 0xFF00_0000),
+        "limit": (limit << 12) | 0xFFF if g else limit,
+        "selector": selector,
+        "type": access & 0xF,
+        "present": present,
+        "dpl": (access >> 5) & 3,
+        "db": (flags >> 2) & 1,
+        "s": (access >> 4) & 1,
+        "l": (flags >> 1) & 1,
+        "g": g,
+        "avl": flags & 1,
+        "unusable": 0 if present else 1,
+    }
+
+
+def write_boot_tables(mem: GuestMemory) -> None:
+    """The boot GDT and the identity-mapping page tables (PML4 -> PDPT -> 4 PDs)."""
+    gdt = boot_gdt()
+    mem.write(bp.GDT_ADDR, struct.pack(f"<{len(gdt)}Q", *gdt))
+    pml4, pdpt = bp.PML4_ADDR, bp.PML4_ADDR + 0x1000
+    pd0 = pdpt + 0x1000
+    mem.fill(pml4, 0x1000 * (2 + IDENTITY_MAP_GIB))
+    mem.write_u64(pml4, pdpt | 0x3)  # present, writable
+    for i in range(IDENTITY_MAP_GIB):
+        mem.write_u64(pdpt + 8 * i, (pd0 + 0x1000 * i) | 0x3)
+        entries = [((i * 512 + j) << 21) | 0x83 for j in range(512)]  # present, writable, 2 MiB page
+        mem.write(pd0 + 0x1000 * i, struct.pack("<512Q", *entries))
+
+
+def setup_long_mode(vcpu: Vcpu, entry: int, boot_params: int) -> None:
+    """Registers for the 64-bit entry of the boot protocol."""
+    sregs = vcpu.get_sregs()
+    gdt = boot_gdt()
+    code = segment_from_gdt(gdt[BOOT_CS >> 3], BOOT_CS)
+    data = segment_from_gdt(gdt[BOOT_DS >> 3], BOOT_DS)
+    tss = segment_from_gdt(gdt[BOOT_TSS >> 3], BOOT_TSS)
+    for name, value in code.items():
+        setattr(sregs.cs, name, value)
+    for seg in (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss):
+        for name, value in data.items():
+            setattr(seg, name, value)
+    for name, value in tss.items():
+        setattr(sregs.tr, name, value)
+    sregs.gdt.base = bp.GDT_ADDR
+    sregs.gdt.limit = len(gdt) * 8 - 1
+    sregs.idt.base = 0
+    sregs.idt.limit = 0
+    sregs.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_AM | CR0_PG
+    sregs.cr3 = bp.PML4_ADDR
+    sregs.cr4 = CR4_PAE
+    sregs.efer = EFER_LME | EFER_LMA
+    vcpu.set_sregs(sregs)
+
+    regs = ffi.new("struct kvm_regs *")
+    regs.rip = entry
+    regs.rsi = boot_params
+    regs.rsp = bp.BOOT_STACK
+    regs.rbp = bp.BOOT_STACK
+    regs.rflags = 0x2
+    vcpu.set_regs(regs)
+
+
+def setup_fpu(vcpu: Vcpu) -> None:
+    fpu = ffi.new("struct kvm_fpu *")
+    fpu.fcw = 0x37F  # FNINIT state
+    fpu.mxcsr = 0x1F80  # all SSE exceptions masked
+    vcpu.set_fpu(fpu)
+
+
+MSR_IA32_TSC = 0x10
+MSR_IA32_SYSENTER_CS = 0x174
+MSR_IA32_SYSENTER_ESP = 0x175
+MSR_IA32_SYSENTER_EIP = 0x176
+MSR_IA32_MISC_ENABLE = 0x1A0
+MSR_MTRR_DEF_TYPE = 0x2FF
+MSR_STAR = 0xC0000081
+MSR_LSTAR = 0xC0000082
+MSR_CSTAR = 0xC0000083
+MSR_SYSCALL_MASK = 0xC0000084
+MSR_KERNEL_GS_BASE = 0xC0000102
+MISC_ENABLE_FAST_STRING = 1
+MTRR_ENABLE_WRITEBACK = (1 << 11) | 6
+
+
+def boot_msrs() -> dict[int, int]:
+    """MSRs at their reset values, fast strings on, MTRRs enabled with write-back default."""
+    return {
+        MSR_IA32_SYSENTER_CS: 0,
+        MSR_IA32_SYSENTER_ESP: 0,
+        MSR_IA32_SYSENTER_EIP: 0,
+        MSR_STAR: 0,
+        MSR_CSTAR: 0,
+        MSR_KERNEL_GS_BASE: 0,
+        MSR_SYSCALL_MASK: 0,
+        MSR_LSTAR: 0,
+        MSR_IA32_TSC: 0,
+        MSR_IA32_MISC_ENABLE: MISC_ENABLE_FAST_STRING,
+        MSR_MTRR_DEF_TYPE: MTRR_ENABLE_WRITEBACK,
+    }
+
+
+APIC_LVT0 = 0x350
+APIC_LVT1 = 0x360
+APIC_MODE_NMI = 0x4
+APIC_MODE_EXTINT = 0x7
+
+
+def _set_delivery_mode(value: int, mode: int) -> int:
+    return (value & ~0x700) | (mode << 8)
+
+
+def setup_lapic(vcpu: Vcpu) -> None:
+    """LINT0 = ExtINT (the 8259 PIC's output), LINT1 = NMI, as the MP spec's virtual wire."""
+    lapic = vcpu.get_lapic()
+    for reg, mode in ((APIC_LVT0, APIC_MODE_EXTINT), (APIC_LVT1, APIC_MODE_NMI)):
+        raw = bytes(lapic.regs[reg : reg + 4])
+        value = _set_delivery_mode(int.from_bytes(raw, "little"), mode)
+        lapic.regs[reg : reg + 4] = value.to_bytes(4, "little")
+    vcpu.set_lapic(lapic)
+
+
+CPUID_HYPERVISOR = 1 << 31
+
+
+def setup_cpuid(kvm: Kvm, vcpu: Vcpu, ncpus: int, supported: Any = None) -> None:
+    """Host-supported CPUID with this vCPU's APIC id and topology filled in."""
+    cpuid = supported if supported is not None else kvm.supported_cpuid()
+    mine = ffi.new("struct kvm_cpuid2 *", {"nent": cpuid.nent, "entries": cpuid.nent})
+    for i in range(cpuid.nent):
+        e = mine.entries[i]
+        ffi.memmove(ffi.addressof(e), ffi.addressof(cpuid.entries[i]), ffi.sizeof("struct kvm_cpuid_entry2"))
+        if e.function == 1:
+            # EBX[31:24] initial APIC id, [23:16] logical processors per package.
+            e.ebx = (e.ebx & 0x0000_FFFF) | (vcpu.id << 24) | ((ncpus & 0xFF) << 16)
+            e.ecx |= CPUID_HYPERVISOR
+            if ncpus > 1:
+                e.edx |= 1 << 28  # HTT: the EBX[23:16] count is valid
+        elif e.function in (0xB, 0x1F):
+            e.edx = vcpu.id  # x2APIC id
+    vcpu.set_cpuid2(mine)
+
+
+# --- MP table (Intel MultiProcessor Specification 1.4, chapter 4) -------------------------
+MP_APIC_BASE = 0xFEE0_0000
+MP_IOAPIC_BASE = 0xFEC0_0000
+MP_APIC_VERSION = 0x14
+MP_IOAPIC_VERSION = 0x11
+MP_CPU_ENABLED = 1
+MP_CPU_BSP = 2
+MP_INT = 0
+MP_NMI = 1
+MP_EXTINT = 3
+ISA_IRQS = 16
+
+
+def _checksum(data: bytes) -> int:
+    return (-sum(data)) & 0xFF
+
+
+def build_mptable(ncpus: int, base: int = bp.EBDA_START, pci_irqs: list[tuple[int, int, int]] | None = None) -> bytes:
+    """The MP floating pointer followed by the configuration table, to be placed at ``base``.
+
+    ``pci_irqs`` lists ``(device, pin 0..3 for INTA..INTD, ioapic input)`` for PCI bus 0.
+    """
+    ioapic_id = ncpus
+    entries = []
+    for cpu in range(ncpus):
+        flags = MP_CPU_ENABLED | (MP_CPU_BSP if cpu == 0 else 0)
+        entries.append(struct.pack("<BBBBIIQ", 0, cpu, MP_APIC_VERSION, flags, 0x600, 0x201, 0))
+    entries.append(struct.pack("<BB6s", 1, 0, b"PCI   "))
+    entries.append(struct.pack("<BB6s", 1, 1, b"ISA   "))
+    entries.append(struct.pack("<BBBBI", 2, ioapic_id, MP_IOAPIC_VERSION, 1, MP_IOAPIC_BASE))
+    for irq in range(ISA_IRQS):
+        entries.append(struct.pack("<BBHBBBB", 3, MP_INT, 0, 1, irq, ioapic_id, irq))
+    for dev, pin, gsi in pci_irqs or []:
+        # PCI source irq: bits 1:0 the pin (INTA=0), bits 6:2 the device; level, active low.
+        entries.append(struct.pack("<BBHBBBB", 3, MP_INT, 0x0F, 0, (dev << 2) | pin, ioapic_id, gsi))
+    entries.append(struct.pack("<BBHBBBB", 4, MP_EXTINT, 0, 1, 0, 0, 0))
+    entries.append(struct.pack("<BBHBBBB", 4, MP_NMI, 0, 1, 0, 0xFF, 1))
+    body = b"".join(entries)
+    table_addr = base + 16
+    header = bytearray(struct.pack("<4sHBB8s12sIHHIHBB", b"PCMP", 44 + len(body), 4, 0, b"KVMM    ", b"KVMM-VM     ", 0, 0, len(entries), MP_APIC_BASE, 0, 0, 0))
+    header[7] = _checksum(bytes(header) + body)
+    mpf = bytearray(struct.pack("<4sIBBBBBBBB", b"_MP_", table_addr, 1, 4, 0, 0, 0, 0, 0, 0))
+    mpf[10] = _checksum(bytes(mpf))
+    return bytes(mpf) + bytes(header) + body
