@@ -22,8 +22,10 @@ if [ ${#missing[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >&2
 fi
 
+# Bump when the build steps below change what they produce.
+recipe=1
 src_version=$(dpkg-query -W -f '${Version}' linux-source-6.1)
-key=$( { echo "$src_version"; cat "$here/config.fragment" "$here/build.sh"; } | sha256sum | cut -c1-16)
+key=$( { echo "$src_version recipe=$recipe"; cat "$here/config.fragment"; } | sha256sum | cut -c1-16)
 out="$cache/kernel-$key"
 if [ "${1:-}" = "--print-dir" ]; then echo "$out"; exit 0; fi
 if [ -f "$out/vmlinux" ] && [ -f "$out/bzImage" ]; then
@@ -32,6 +34,10 @@ if [ -f "$out/vmlinux" ] && [ -f "$out/bzImage" ]; then
 fi
 
 mkdir -p "$cache"
+# One build at a time per cache: a second caller waits, then finds the result.
+exec 9>"$cache/build.lock"
+flock 9
+if [ -f "$out/vmlinux" ] && [ -f "$out/bzImage" ]; then echo "$out"; exit 0; fi
 work=$(mktemp -d "$cache/build-$key.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 echo "kernels/build.sh: building linux-source $src_version in $work (about 5 minutes on 2 cores)" >&2

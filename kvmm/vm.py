@@ -150,13 +150,6 @@ class Machine:
         kernel = read_image(cfg.kernel, "kernel")
         initrd = read_image(cfg.initrd, "initrd") if cfg.initrd else None
         self.cmdline = build_cmdline(cfg.cmdline, cfg.default_cmdline, self.host.extra_cmdline)
-        if self.host.software_nested:
-            LOG.info(
-                "host KVM is %s (software nested, no VT-x/AMD-V): adding kernel parameters '%s'%s",
-                self.host.name,
-                " ".join(self.host.extra_cmdline),
-                " and delivering int3 by hand" if self.host.inject_int3 else "",
-            )
         self.stop_at_init = (not self.host.userspace_works) if cfg.stop_at_init is None else cfg.stop_at_init
 
         self._kvm = kvm = Kvm()
@@ -178,6 +171,13 @@ class Machine:
         x86.write_boot_tables(mem)
         mptable = x86.build_mptable(cfg.cpus)
         mem.write(bp.EBDA_START, mptable)
+        if self.host.software_nested:
+            LOG.info(
+                "host KVM is %s (software nested, no VT-x/AMD-V): adding kernel parameters '%s'%s",
+                self.host.name,
+                " ".join(self.host.extra_cmdline),
+                " and delivering int3 by hand" if self.host.inject_int3 else "",
+            )
         LOG.info("%s %s, %d MiB, %d vCPU%s, cmdline: %s", self.boot.kind, cfg.kernel, cfg.mem_size >> 20,
                  cfg.cpus, "s" if cfg.cpus > 1 else "", self.cmdline)
 
@@ -288,7 +288,8 @@ class Machine:
                     for i in range(0, size * ex.count, size):
                         data[i : i + size] = pio.read(ex.port, size).to_bytes(size, "little")
             elif kind is InterruptedExit:
-                continue
+                if self._dump_requested:
+                    self._dump_vcpu(vcpu)
             elif kind is MmioExit:
                 # No MMIO devices yet: reads see all-ones (nothing decodes the address).
                 if not ex.is_write:
@@ -311,6 +312,28 @@ class Machine:
                 self.stop(VmResult(Outcome.VCPU_ERROR, f"vCPU {vcpu.id}: KVM could not enter the guest (hardware reason {ex.hardware_reason:#x})"))
             else:
                 self.stop(VmResult(Outcome.VCPU_ERROR, f"vCPU {vcpu.id}: unhandled exit {ex}"))
+
+    def request_dump(self) -> None:
+        """Log every vCPU's registers and the exit counts (SIGUSR2 on the command line)."""
+        self._dump_requested = True
+        me = threading.get_ident()
+        for vcpu, thread in zip(self.vm.vcpus, self._threads):
+            vcpu.kick()
+            if thread.ident is not None and thread.ident != me and thread.is_alive():
+                signal.pthread_kill(thread.ident, KICK_SIGNAL)
+
+    _dump_requested = False
+
+    def _dump_vcpu(self, vcpu: Vcpu) -> None:
+        regs = vcpu.get_regs()
+        sregs = vcpu.get_sregs()
+        LOG.warning(
+            "vCPU %d: RIP %#x RSP %#x RFLAGS %#x CR0 %#x CR3 %#x; exits %s; unclaimed ports %s",
+            vcpu.id, regs.rip, regs.rsp, regs.rflags, sregs.cr0, sregs.cr3, dict(self.stats.exits),
+            {hex(p): n for p, n in self.pio.unhandled.most_common(8)},
+        )
+        if vcpu.id == len(self.vm.vcpus) - 1:
+            self._dump_requested = False
 
     def _recover_internal_error(self, vcpu: Vcpu, ex: InternalErrorExit) -> bool:
         """Deliver an int3 the emulator could not (software-nested hosts); else stop."""
@@ -356,6 +379,7 @@ class Machine:
                 old_wakeup = signal.set_wakeup_fd(wake_w)
                 for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                     old_handlers[sig] = signal.signal(sig, self._on_signal)
+                old_handlers[signal.SIGUSR2] = signal.signal(signal.SIGUSR2, lambda s, f: self.request_dump())
             sel.register(wake_r, selectors.EVENT_READ)
             if term is not None:
                 try:

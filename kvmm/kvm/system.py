@@ -39,6 +39,11 @@ _libc.ioctl.restype = ctypes.c_int
 
 KVM_DEVICE = "/dev/kvm"
 
+
+def kvm_device_path() -> str:
+    """/dev/kvm, or the node named by ``KVMM_KVM_DEVICE`` (used by tests)."""
+    return os.environ.get("KVMM_KVM_DEVICE", KVM_DEVICE)
+
 _IOCTL_NAMES = {v: k for k, v in vars(K).items() if k.startswith("KVM_") and isinstance(v, int) and v > 0xFFFF}
 
 
@@ -65,7 +70,7 @@ def ioctl_buf(fd: int, req: int, obj: Any, size: int | None = None) -> int:
 class _FdOwner:
     """Owns one fd; closing twice is harmless; usable as a context manager."""
 
-    fd: int
+    fd: int = -1
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
@@ -91,7 +96,8 @@ class _FdOwner:
 class Kvm(_FdOwner):
     """The /dev/kvm system fd."""
 
-    def __init__(self, path: str = KVM_DEVICE) -> None:
+    def __init__(self, path: str | None = None) -> None:
+        path = path or kvm_device_path()
         try:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:

@@ -1,0 +1,56 @@
+"""Shared fixtures: KVM availability, freestanding test guests, the Linux guest kernel."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests" / "guests"))
+
+from build import build_guest  # noqa: E402
+
+
+def kvm_unavailable_reason() -> str | None:
+    if not os.path.exists("/dev/kvm"):
+        return "/dev/kvm does not exist on this host"
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return "/dev/kvm is not accessible to this user"
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    reason = kvm_unavailable_reason()
+    if reason is None:
+        return
+    skip = pytest.mark.skip(reason=f"needs KVM: {reason}")
+    for item in items:
+        if "kvm" in item.keywords or "linux" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def guests(tmp_path_factory: pytest.TempPathFactory):
+    """``guests("serial_hello")`` -> path of the compiled ELF test guest."""
+    out = tmp_path_factory.mktemp("guests")
+    return lambda name: build_guest(name, out)
+
+
+@pytest.fixture(scope="session")
+def kernel_dir() -> Path:
+    """The guest kernel from kernels/build.sh (built here if the cache lacks it)."""
+    res = subprocess.run([str(ROOT / "kernels" / "build.sh")], capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.fail(f"kernels/build.sh failed:\n{res.stderr[-3000:]}")
+    return Path(res.stdout.strip().splitlines()[-1])
+
+
+def run_kvmm(*args: str, stdin: bytes = b"", timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
+    """Run the kvmm command line as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "kvmm", *args], input=stdin, capture_output=True, timeout=timeout, cwd=ROOT
+    )

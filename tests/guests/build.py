@@ -1,0 +1,22 @@
+"""Compile the freestanding test guests (tests/guests/*.c) into ELF images kvmm boots."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CFLAGS = [
+    "-O2", "-ffreestanding", "-fno-pic", "-fno-pie", "-no-pie", "-nostdlib", "-static",
+    "-mno-red-zone", "-mgeneral-regs-only", "-fno-stack-protector", "-fcf-protection=none",
+    "-fno-asynchronous-unwind-tables", "-Wall", "-Werror",
+    "-Wl,--build-id=none", "-Wl,-n", "-Wl,--no-warn-rwx-segments", f"-Wl,-T,{HERE / 'guest.ld'}",
+]
+
+
+def build_guest(name: str, outdir: Path) -> Path:
+    src = HERE / f"{name}.c"
+    out = outdir / f"{name}.elf"
+    if not out.exists() or out.stat().st_mtime < max(src.stat().st_mtime, (HERE / "guest.h").stat().st_mtime):
+        subprocess.run(["gcc", *CFLAGS, "-o", str(out), str(src)], check=True)
+    return out

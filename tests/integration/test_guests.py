@@ -1,0 +1,84 @@
+"""Small freestanding guests on /dev/kvm: each runs in well under a second of guest time."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import run_kvmm
+from kvmm.vm import EXIT_DEBUG_BASE, Machine, Outcome, VmConfig
+
+pytestmark = pytest.mark.kvm
+
+
+def test_serial_output_and_debug_exit_status(guests) -> None:  # type: ignore[no-untyped-def]
+    res = run_kvmm("-q", "--kernel", str(guests("serial_hello")), "--mem", "64M")
+    assert res.stdout == b"hello from the guest\n"
+    assert res.returncode == EXIT_DEBUG_BASE + 42
+
+
+def test_console_to_file(tmp_path: Path, guests) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "console.log"
+    res = run_kvmm("-q", "--kernel", str(guests("serial_hello")), "--mem", "64M", "--console", f"file:{out}")
+    assert res.returncode == EXIT_DEBUG_BASE + 42
+    assert res.stdout == b""
+    assert out.read_bytes() == b"hello from the guest\n"
+
+
+def test_i8042_reset_ends_vm_with_status_0(guests) -> None:  # type: ignore[no-untyped-def]
+    res = run_kvmm("--kernel", str(guests("i8042_reset")), "--mem", "64M")
+    assert res.returncode == 0
+    assert res.stdout == b"resetting\n"
+    assert b"guest reset through the i8042" in res.stderr
+
+
+def test_triple_fault_ends_vm_with_status_0(guests) -> None:  # type: ignore[no-untyped-def]
+    res = run_kvmm("--kernel", str(guests("triple_fault")), "--mem", "64M")
+    assert res.returncode == 0
+    assert b"triple fault" in res.stderr
+
+
+def test_emulation_failure_reports_rip_and_exits_4(guests) -> None:  # type: ignore[no-untyped-def]
+    res = run_kvmm("--kernel", str(guests("bad_fetch")), "--mem", "64M")
+    assert res.returncode == 4
+    err = res.stderr.decode()
+    assert "kvmm: error: vCPU 0:" in err and "RIP 0xd0000000" in err and "instruction bytes" in err
+
+
+def test_int3_reaches_the_guest_handler(guests) -> None:  # type: ignore[no-untyped-def]
+    # On software-nested KVM kvmm injects the #BP the emulator cannot; on hardware it is native.
+    res = run_kvmm("-q", "--kernel", str(guests("int3")), "--mem", "64M")
+    assert res.stdout == b"breakpoint handled\n"
+    assert res.returncode == EXIT_DEBUG_BASE + 3
+
+
+def test_serial_input_from_stdin(guests) -> None:  # type: ignore[no-untyped-def]
+    res = run_kvmm("-q", "--kernel", str(guests("serial_echo")), "--mem", "64M", stdin=b"hello kvmm\n")
+    assert res.stdout == b"ready\nHELLO KVMM\n"
+    assert res.returncode == EXIT_DEBUG_BASE
+
+
+def test_cmos_shows_host_utc_time(guests) -> None:  # type: ignore[no-untyped-def]
+    before = time.gmtime()
+    res = run_kvmm("-q", "--kernel", str(guests("cmos_time")), "--mem", "64M")
+    after = time.gmtime()
+    assert res.returncode == EXIT_DEBUG_BASE
+    stamp = res.stdout.decode().split()[1]
+    assert time.strftime("%Y%m%d%H%M%S", before) <= stamp <= time.strftime("%Y%m%d%H%M%S", after)
+
+
+def test_machine_api_result_and_stats(guests) -> None:  # type: ignore[no-untyped-def]
+    out = Path("/dev/null")
+    with Machine(VmConfig(kernel=str(guests("serial_hello")), mem_size=64 << 20, console_path=str(out), stdin=False)) as m:
+        result = m.run()
+        assert result.outcome is Outcome.DEBUG_EXIT and result.debug_value == 42
+        assert m.stats.exits["IoExit"] >= len("hello from the guest\n")
+        assert m.console is not None and m.console.last_lines[-1] == b"hello from the guest"
+
+
+def test_two_vcpus_start_with_the_bsp_running(guests) -> None:  # type: ignore[no-untyped-def]
+    # The AP waits for INIT/SIPI in the in-kernel LAPIC; the BSP alone runs the guest.
+    res = run_kvmm("-q", "--kernel", str(guests("serial_hello")), "--mem", "64M", "--cpus", "2")
+    assert res.returncode == EXIT_DEBUG_BASE + 42 and res.stdout == b"hello from the guest\n"

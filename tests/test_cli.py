@@ -1,0 +1,113 @@
+"""Bad user input gets one clear line and a distinct exit status (README, exit status)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from conftest import run_kvmm
+
+
+def error_lines(res) -> list[str]:  # type: ignore[no-untyped-def]
+    return [line for line in res.stderr.decode().splitlines() if line.strip()]
+
+
+def test_missing_kernel(tmp_path: Path) -> None:
+    res = run_kvmm("--kernel", str(tmp_path / "nope"))
+    assert res.returncode == 10
+    assert error_lines(res) == [f"kvmm: error: kernel {str(tmp_path / 'nope')!r} does not exist"]
+
+
+def test_kernel_is_a_directory(tmp_path: Path) -> None:
+    res = run_kvmm("--kernel", str(tmp_path))
+    assert res.returncode == 10 and "is a directory" in res.stderr.decode()
+
+
+def test_kernel_of_wrong_format(tmp_path: Path) -> None:
+    bad = tmp_path / "kernel.txt"
+    bad.write_text("not a kernel\n" * 100)
+    res = run_kvmm("--kernel", str(bad))
+    assert res.returncode == 10
+    assert "neither an ELF vmlinux nor a bzImage" in res.stderr.decode()
+    assert len(error_lines(res)) == 1
+
+
+def test_truncated_kernel(tmp_path: Path, guests) -> None:  # type: ignore[no-untyped-def]
+    data = guests("serial_hello").read_bytes()
+    bad = tmp_path / "truncated.elf"
+    bad.write_bytes(data[:100])
+    res = run_kvmm("--kernel", str(bad))
+    assert res.returncode == 10 and "kvmm: error:" in res.stderr.decode()
+
+
+def test_missing_initrd(tmp_path: Path, guests) -> None:  # type: ignore[no-untyped-def]
+    res = run_kvmm("--kernel", str(guests("serial_hello")), "--initrd", str(tmp_path / "none.cpio"))
+    assert res.returncode == 10 and "initrd" in res.stderr.decode()
+
+
+@pytest.mark.parametrize("size", ["12X", "0", "lots", "-5G"])
+def test_bad_memory_size_syntax(size: str, guests) -> None:  # type: ignore[no-untyped-def]
+    res = run_kvmm("--kernel", str(guests("serial_hello")), f"--mem={size}")
+    assert res.returncode == 2
+    assert error_lines(res) == [f"kvmm: error: invalid memory size {size!r}: expected a positive number with an optional K/M/G suffix, e.g. 256M or 2G"]
+
+
+def test_more_memory_than_available(guests) -> None:  # type: ignore[no-untyped-def]
+    res = run_kvmm("--kernel", str(guests("serial_hello")), "--mem", "64T")
+    assert res.returncode == 12
+    assert "more than the" in res.stderr.decode() and len(error_lines(res)) == 1
+
+
+def test_hugepages_without_reserved_pages(guests) -> None:  # type: ignore[no-untyped-def]
+    with open("/proc/meminfo") as f:
+        free = next(int(line.split()[1]) for line in f if line.startswith("HugePages_Free"))
+    if free:
+        pytest.skip(f"this host has {free} hugepages reserved")
+    res = run_kvmm("--kernel", str(guests("serial_hello")), "--mem", "64M", "--hugepages")
+    assert res.returncode == 12 and "hugepages" in res.stderr.decode()
+
+
+@pytest.mark.parametrize("cpus", ["0", "17"])
+def test_cpu_count_out_of_range(cpus: str, guests) -> None:  # type: ignore[no-untyped-def]
+    res = run_kvmm("--kernel", str(guests("serial_hello")), "--cpus", cpus)
+    assert res.returncode == 2 and "--cpus must be between 1 and 16" in res.stderr.decode()
+
+
+def test_bad_console_option(guests) -> None:  # type: ignore[no-untyped-def]
+    res = run_kvmm("--kernel", str(guests("serial_hello")), "--console", "tcp:1234")
+    assert res.returncode == 2 and "stdio" in res.stderr.decode()
+
+
+def test_kvm_device_missing(tmp_path: Path, guests) -> None:  # type: ignore[no-untyped-def]
+    env = {**os.environ, "KVMM_KVM_DEVICE": str(tmp_path / "kvm")}
+    import subprocess, sys
+
+    res = subprocess.run([sys.executable, "-m", "kvmm", "--kernel", str(guests("serial_hello"))], env=env, capture_output=True)
+    assert res.returncode == 13
+    assert "does not exist: load the kvm module" in res.stderr.decode() and len(error_lines(res)) == 1
+
+
+def test_kvm_device_not_permitted(tmp_path: Path, guests) -> None:  # type: ignore[no-untyped-def]
+    # A node that refuses opening for read-write the way a root-owned 0600 /dev/kvm refuses a user.
+    node = tmp_path / "kvm"
+    node.mkdir()
+    node.chmod(0o500)
+    env = {**os.environ, "KVMM_KVM_DEVICE": str(node)}
+    import subprocess, sys
+
+    res = subprocess.run([sys.executable, "-m", "kvmm", "--kernel", str(guests("serial_hello"))], env=env, capture_output=True)
+    assert res.returncode == 13 and "kvmm: error: cannot open" in res.stderr.decode()
+
+
+def test_help_and_version() -> None:
+    res = run_kvmm("--help")
+    assert res.returncode == 0 and b"exit status:" in res.stdout and b"--kernel" in res.stdout
+    res = run_kvmm("--version")
+    assert res.returncode == 0 and res.stdout.startswith(b"kvmm ")
+
+
+def test_missing_required_kernel_option() -> None:
+    res = run_kvmm()
+    assert res.returncode == 2 and b"--kernel" in res.stderr

@@ -1,0 +1,38 @@
+"""Host-kind detection and the kernel command line built for it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kvmm.host import HARDWARE, PVM, build_cmdline, detect_host
+from kvmm.vm import DEFAULT_CMDLINE
+
+
+def test_pvm_detected_from_its_sysfs_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KVMM_HOST_KIND", raising=False)
+    (tmp_path / "kvm_pvm").mkdir()
+    assert detect_host(str(tmp_path / "kvm_pvm")) is PVM
+    assert detect_host(str(tmp_path / "absent")) is HARDWARE
+
+
+def test_hardware_host_adds_nothing() -> None:
+    assert build_cmdline("", DEFAULT_CMDLINE, HARDWARE.extra_cmdline) == "console=ttyS0 panic=-1 reboot=k"
+
+
+def test_pvm_host_adds_its_workarounds() -> None:
+    line = build_cmdline("root=/dev/vda", DEFAULT_CMDLINE, PVM.extra_cmdline).split()
+    for word in ("noxsave", "clearcpuid=smap,popcnt", "root=/dev/vda", "console=ttyS0"):
+        assert word in line
+
+
+def test_user_parameter_replaces_default_of_same_key() -> None:
+    line = build_cmdline("console=hvc0 panic=5", DEFAULT_CMDLINE, ()).split()
+    assert "console=ttyS0" not in line and "panic=-1" not in line
+    assert line[-2:] == ["console=hvc0", "panic=5"]
+
+
+def test_user_can_override_a_workaround() -> None:
+    line = build_cmdline("lpj=5000000", (), PVM.extra_cmdline).split()
+    assert "lpj=1000000" not in line and "lpj=5000000" in line

@@ -1,0 +1,112 @@
+"""GuestMemory: every access is checked as a whole range (rust-vmm vm-memory semantics)."""
+
+from __future__ import annotations
+
+import mmap
+import struct
+
+import pytest
+
+from kvmm.errors import ConfigError, GuestMemoryError, MemoryConfigError
+from kvmm.memory import HIGH_RAM_START, LOW_RAM_END, GuestMemory, Region, parse_size, x86_regions
+
+
+@pytest.fixture
+def mem() -> GuestMemory:
+    m = mmap.mmap(-1, 0x3000)
+    return GuestMemory(m, [Region(0, 0x1000, 0), Region(0x10000, 0x2000, 0x1000)])
+
+
+def test_read_write_round_trip(mem: GuestMemory) -> None:
+    mem.write(0x10, b"abc")
+    assert mem.read(0x10, 3) == b"abc"
+    mem.write_u64(0x10008, 0x1122334455667788)
+    assert mem.read_u64(0x10008) == 0x1122334455667788
+    assert mem.read_u32(0x10008) == 0x55667788
+    assert mem.read_u16(0x1000C) == 0x3344
+    assert mem.read_u8(0x1000F) == 0x11
+
+
+@pytest.mark.parametrize(
+    "gpa,n",
+    [
+        (-1, 1),  # negative address must not wrap to the end of the mapping
+        (0, -1),  # negative length
+        (0xFFF, 2),  # straddles the end of region 0
+        (0x1000, 1),  # the hole between regions
+        (0x11FFF, 2),  # past the end of RAM
+        (0xFFFF, 2),  # starts in the hole, ends in region 1
+        (2**64 - 1, 2),  # overflowing
+        (0x10000, 2**64),
+    ],
+)
+def test_access_outside_ram_raises_typed_error(mem: GuestMemory, gpa: int, n: int) -> None:
+    with pytest.raises(GuestMemoryError) as exc:
+        mem.read(gpa, n)
+    assert exc.value.gpa == gpa and exc.value.length == n
+    with pytest.raises(GuestMemoryError):
+        mem.view(gpa, n)
+    if 0 <= n <= 16:
+        with pytest.raises(GuestMemoryError):
+            mem.write(gpa, b"\0" * n)
+
+
+def test_write_of_data_past_end_is_refused_not_truncated(mem: GuestMemory) -> None:
+    with pytest.raises(GuestMemoryError):
+        mem.write(0xFFE, b"1234")
+    assert mem.read(0xFFE, 2) == b"\0\0"
+
+
+def test_view_is_zero_copy(mem: GuestMemory) -> None:
+    v = mem.view(0x10100, 4)
+    v[:] = b"wxyz"
+    assert mem.read(0x10100, 4) == b"wxyz"
+
+
+def test_struct_access(mem: GuestMemory) -> None:
+    fmt = struct.Struct("<HIQ")
+    mem.write_struct(0x20, fmt, 1, 2, 3)
+    assert mem.read_struct(0x20, fmt) == (1, 2, 3)
+    with pytest.raises(GuestMemoryError):
+        mem.read_struct(0xFF8, fmt)
+
+
+def test_overlapping_regions_are_rejected() -> None:
+    with pytest.raises(ValueError):
+        GuestMemory(mmap.mmap(-1, 0x2000), [Region(0, 0x1000, 0), Region(0x800, 0x1000, 0x1000)])
+
+
+def test_region_beyond_mapping_is_rejected() -> None:
+    with pytest.raises(ValueError):
+        GuestMemory(mmap.mmap(-1, 0x1000), [Region(0, 0x2000, 0)])
+
+
+def test_x86_layout_splits_around_mmio_hole() -> None:
+    assert x86_regions(1 << 30) == [Region(0, 1 << 30, 0)]
+    regions = x86_regions(4 << 30)
+    assert regions[0] == Region(0, LOW_RAM_END, 0)
+    assert regions[1] == Region(HIGH_RAM_START, (4 << 30) - LOW_RAM_END, LOW_RAM_END)
+
+
+@pytest.mark.parametrize("text,size", [("256M", 256 << 20), ("2G", 2 << 30), ("512", 512 << 20), ("64k", 64 << 10), ("1GiB", 1 << 30)])
+def test_parse_size(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "0", "-1G", "12X", "M", "1.5G", "abc"])
+def test_parse_size_rejects_bad_syntax(text: str) -> None:
+    with pytest.raises(ConfigError):
+        parse_size(text)
+
+
+def test_allocate_more_than_available_is_refused() -> None:
+    with pytest.raises(MemoryConfigError, match="more than"):
+        GuestMemory.allocate(1 << 50)
+
+
+def test_allocate_maps_anonymous_memory() -> None:
+    m = GuestMemory.allocate(16 << 20)
+    m.write_u32(0x123456, 7)
+    assert m.read_u32(0x123456) == 7
+    assert m.size == 16 << 20
+    m.close()
