@@ -24,6 +24,7 @@ exit status:
   2   invalid command-line usage
   3   the guest kernel panicked (with panic=-1, the default)
   4   a vCPU failed: KVM could not emulate an instruction or enter the guest
+  5   --timeout passed with the VM still running
  10   kernel or initrd missing, unreadable or not a bootable image
  12   guest memory could not be provided (more than available, no hugepages)
  13   /dev/kvm is missing or not accessible
@@ -64,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the serial console's output goes (default: stdio)")
     p.add_argument("--stop-at-init", type=_stop_at_init, default=None, metavar="auto|yes|no",
                    help="end the VM when the kernel starts init (default auto: only where guest user space cannot run)")
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="end the VM (exit status 5) if it still runs after SECONDS")
     p.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
     p.add_argument("-v", "--verbose", action="store_true", help="log debugging detail")
     p.add_argument("--version", action="version", version=f"kvmm {__version__}")
@@ -86,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             stop_at_init=args.stop_at_init,
         )
         with Machine(config) as machine:
-            result = machine.run()
+            result = machine.run(timeout=args.timeout)
             exits = machine.stats.exits
     except ConfigError as exc:
         print(f"kvmm: error: {exc}", file=sys.stderr)
@@ -95,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kvmm: error: {exc}", file=sys.stderr)
         return exc.exit_status
     status = result.exit_status
-    if result.outcome in (Outcome.VCPU_ERROR, Outcome.VMM_ERROR, Outcome.PANIC):
+    if result.outcome in (Outcome.VCPU_ERROR, Outcome.VMM_ERROR, Outcome.PANIC, Outcome.TIMEOUT):
         print(f"\nkvmm: error: {result.message}", file=sys.stderr)
     else:
         LOG.info("%s (exit status %d)", result.message, status)

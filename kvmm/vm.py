@@ -66,6 +66,7 @@ class Outcome(enum.Enum):
     VCPU_ERROR = "vcpu-error"
     VMM_ERROR = "vmm-error"
     INTERRUPTED = "interrupted"
+    TIMEOUT = "timeout"
 
 
 # Exit statuses of the kvmm command (documented in the README).
@@ -73,6 +74,7 @@ EXIT_OK = 0
 EXIT_VMM_ERROR = 1
 EXIT_PANIC = 3
 EXIT_VCPU_ERROR = 4
+EXIT_TIMEOUT = 5
 EXIT_DEBUG_BASE = 64
 
 
@@ -95,6 +97,8 @@ class VmResult:
             return EXIT_DEBUG_BASE + ((self.debug_value or 0) & 0x3F)
         if self.outcome is Outcome.INTERRUPTED:
             return 128 + (self.signal or signal.SIGINT)
+        if self.outcome is Outcome.TIMEOUT:
+            return EXIT_TIMEOUT
         return EXIT_VMM_ERROR
 
 
@@ -366,13 +370,15 @@ class Machine:
         for t in self._threads:
             t.start()
 
-    def run(self) -> VmResult:
-        """Run until the guest or a signal ends the VM; returns how it ended."""
+    def run(self, timeout: float | None = None) -> VmResult:
+        """Run until the guest or a signal ends the VM (or ``timeout`` seconds pass)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         term = TerminalInput(0) if self.config.stdin else None
         sel = selectors.DefaultSelector()
         old_handlers = {}
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         old_wakeup = None
+        raw_terminal: TerminalInput | None = None
         main = threading.current_thread() is threading.main_thread()
         try:
             if main:
@@ -385,10 +391,10 @@ class Machine:
                 try:
                     sel.register(0, selectors.EVENT_READ, term)
                     term.enter_raw()
+                    raw_terminal = term
                 except (ValueError, OSError, PermissionError):
                     term = None  # stdin closed or not pollable (a regular file): no input
             self.start()
-            stdin_paused = False
             while not self._done.is_set():
                 for key, _ in sel.select(timeout=0.05):
                     if key.fileobj == wake_r:
@@ -396,24 +402,27 @@ class Machine:
                             os.read(wake_r, 512)
                         except BlockingIOError:
                             pass
-                    elif term is not None:
-                        self._read_stdin(term, sel)
-                if term is not None and stdin_paused != (self.serial.rx_room() <= 0):
-                    stdin_paused = not stdin_paused
-                    if stdin_paused:
+                    elif term is not None and not self._read_stdin(term):
+                        sel.unregister(0)  # EOF: the guest just sees no more input
+                        term = None
+                # Back-pressure: while the UART's input backlog is full, stop reading stdin.
+                if term is not None and (0 in sel.get_map()) != (self.serial.rx_room() > 0):
+                    if 0 in sel.get_map():
                         sel.unregister(0)
                     else:
                         sel.register(0, selectors.EVENT_READ, term)
                 self.console.flush()
                 if not any(t.is_alive() for t in self._threads):
                     self.stop(VmResult(Outcome.VMM_ERROR, "all vCPU threads ended"))
+                if deadline is not None and time.monotonic() > deadline:
+                    self.stop(VmResult(Outcome.TIMEOUT, f"the VM ran for its {timeout:g} s time limit"))
             for t in self._threads:
                 t.join(timeout=5)
                 if t.is_alive():
                     LOG.warning("%s did not stop within 5 s", t.name)
         finally:
-            if term is not None:
-                term.restore()
+            if raw_terminal is not None:
+                raw_terminal.restore()
             if main:
                 for sig, handler in old_handlers.items():
                     signal.signal(sig, handler)
@@ -425,21 +434,22 @@ class Machine:
         assert self._result is not None
         return self._result
 
-    def _read_stdin(self, term: TerminalInput, sel: selectors.BaseSelector) -> None:
+    def _read_stdin(self, term: TerminalInput) -> bool:
+        """Pass terminal input to the UART; False at end of input."""
         try:
             data = os.read(0, min(512, max(self.serial.rx_room(), 1)))
         except BlockingIOError:
-            return
+            return True
         except OSError:
             data = b""
         if not data:
-            sel.unregister(0)  # EOF: the guest just sees no more input
-            return
+            return False
         data, quit_requested = term.filter(data)
         if data:
             self.serial.receive(data)
         if quit_requested:
             self.stop(VmResult(Outcome.INTERRUPTED, "quit from the console (Ctrl-A x)", signal=signal.SIGINT))
+        return True
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.stop(VmResult(Outcome.INTERRUPTED, f"stopped by {signal.Signals(signum).name}", signal=signum))

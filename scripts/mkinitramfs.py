@@ -77,7 +77,7 @@ def build_spin_init(out: Path) -> None:
     )
 
 
-def initramfs(init: str) -> bytes:
+def initramfs(init: str, compress: bool = True) -> bytes:
     c = Cpio()
     for d in ("dev", "proc", "sys", "tmp", "bin", "sbin"):
         c.dir(d)
@@ -94,15 +94,18 @@ def initramfs(init: str) -> bytes:
             exe = Path(tmp) / "init"
             build_spin_init(exe)
             c.file("init", exe.read_bytes())
-    return gzip.compress(c.finish(), mtime=0)
+    archive = c.finish()
+    return gzip.compress(archive, mtime=0) if compress else archive
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-o", "--output", required=True)
     ap.add_argument("--init", choices=("busybox", "spin"), default="busybox")
+    ap.add_argument("--compress", choices=("gzip", "none"), default="gzip",
+                    help="none saves the guest's inflate, which is slow where KVM emulates guest code")
     args = ap.parse_args()
-    data = initramfs(args.init)
+    data = initramfs(args.init, args.compress == "gzip")
     tmp = args.output + ".tmp"
     with open(tmp, "wb") as f:
         f.write(data)
