@@ -215,6 +215,9 @@ MP_INT = 0
 MP_NMI = 1
 MP_EXTINT = 3
 ISA_IRQS = 16
+# PCI INTx: level-triggered, active high (KVM's IOAPIC ignores polarity; QEMU declares
+# its PCI links ActiveHigh too). MP spec 4.3.4: polarity bits 1:0 = 01, trigger 3:2 = 11.
+MP_PCI_IRQ_FLAGS = 0x0D
 
 
 def _checksum(data: bytes) -> int:
@@ -237,8 +240,8 @@ def build_mptable(ncpus: int, base: int = bp.EBDA_START, pci_irqs: list[tuple[in
     for irq in range(ISA_IRQS):
         entries.append(struct.pack("<BBHBBBB", 3, MP_INT, 0, 1, irq, ioapic_id, irq))
     for dev, pin, gsi in pci_irqs or []:
-        # PCI source irq: bits 1:0 the pin (INTA=0), bits 6:2 the device; level, active low.
-        entries.append(struct.pack("<BBHBBBB", 3, MP_INT, 0x0F, 0, (dev << 2) | pin, ioapic_id, gsi))
+        # PCI source irq: bits 1:0 the pin (INTA=0), bits 6:2 the device.
+        entries.append(struct.pack("<BBHBBBB", 3, MP_INT, MP_PCI_IRQ_FLAGS, 0, (dev << 2) | pin, ioapic_id, gsi))
     entries.append(struct.pack("<BBHBBBB", 4, MP_EXTINT, 0, 1, 0, 0, 0))
     entries.append(struct.pack("<BBHBBBB", 4, MP_NMI, 0, 1, 0, 0xFF, 1))
     body = b"".join(entries)

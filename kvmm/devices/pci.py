@@ -1,0 +1,214 @@
+"""PCI bus 0 with configuration mechanism #1 (ports 0xCF8-0xCFF) and a host bridge.
+
+PCI Local Bus Specification 3.0: 3.2.2.3.2 (mechanism #1: CONFIG_ADDRESS at 0xCF8 with
+the enable bit 31, bus, device, function and dword register; CONFIG_DATA at 0xCFC-0xCFF
+with byte, word and dword access), 6.1 (the type 0 header) and 6.2.5.1 (BAR sizing: the
+driver writes all-ones and reads back the size mask). Devices only have I/O BARs here;
+when the guest moves a BAR, the port ranges on the :class:`PioBus` follow.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from typing import Callable
+
+from .bus import PioBus
+
+LOG = logging.getLogger(__name__)
+
+CONFIG_ADDRESS = 0xCF8
+CONFIG_DATA = 0xCFC
+
+PCI_VENDOR_ID = 0x00
+PCI_DEVICE_ID = 0x02
+PCI_COMMAND = 0x04
+PCI_STATUS = 0x06
+PCI_REVISION_ID = 0x08
+PCI_CLASS_PROG = 0x09
+PCI_HEADER_TYPE = 0x0E
+PCI_BAR0 = 0x10
+PCI_SUBSYSTEM_VENDOR_ID = 0x2C
+PCI_SUBSYSTEM_ID = 0x2E
+PCI_CAPABILITY_LIST = 0x34
+PCI_INTERRUPT_LINE = 0x3C
+PCI_INTERRUPT_PIN = 0x3D
+
+PCI_COMMAND_IO = 0x1
+PCI_COMMAND_MEMORY = 0x2
+PCI_COMMAND_MASTER = 0x4
+PCI_COMMAND_INTX_DISABLE = 0x400
+PCI_BAR_IO = 0x1
+NUM_BARS = 6
+
+# I/O space handed out to BARs (above the legacy ISA ports, as kvmtool and QEMU do).
+IO_BAR_BASE = 0xC000
+IO_BAR_LIMIT = 0x10000
+
+
+class PciDevice:
+    """A type-0 function: 256 bytes of config space, I/O BARs, INTx."""
+
+    def __init__(self, vendor: int, device: int, class_code: int, revision: int = 0,
+                 subsystem_vendor: int = 0, subsystem: int = 0) -> None:
+        self.config = bytearray(256)
+        self.bar_sizes = [0] * NUM_BARS
+        self.bar_handlers: list[object | None] = [None] * NUM_BARS
+        struct.pack_into("<HH", self.config, PCI_VENDOR_ID, vendor, device)
+        self.config[PCI_REVISION_ID] = revision
+        self.config[PCI_CLASS_PROG : PCI_CLASS_PROG + 3] = class_code.to_bytes(3, "little")
+        struct.pack_into("<HH", self.config, PCI_SUBSYSTEM_VENDOR_ID, subsystem_vendor, subsystem)
+        self.on_bar_moved: Callable[[int, int, int], None] | None = None  # (bar, old, new)
+        self.slot = 0
+
+    # writable bits of the header, by offset (everything else is read-only)
+    def _writable_mask(self, offset: int) -> int:
+        if offset in (PCI_COMMAND, PCI_COMMAND + 1):
+            return 0xFF if offset == PCI_COMMAND else 0x07  # up to INTX_DISABLE (bit 10)
+        if offset == PCI_INTERRUPT_LINE:
+            return 0xFF
+        return 0
+
+    def add_io_bar(self, bar: int, size: int, handler: object) -> None:
+        assert size >= 4 and size & (size - 1) == 0
+        self.bar_sizes[bar] = size
+        self.bar_handlers[bar] = handler
+        struct.pack_into("<I", self.config, PCI_BAR0 + 4 * bar, PCI_BAR_IO)
+
+    def bar_address(self, bar: int) -> int:
+        return struct.unpack_from("<I", self.config, PCI_BAR0 + 4 * bar)[0] & ~0x3
+
+    def set_interrupt(self, line: int, pin: int = 1) -> None:
+        self.config[PCI_INTERRUPT_LINE] = line
+        self.config[PCI_INTERRUPT_PIN] = pin
+
+    @property
+    def command(self) -> int:
+        return int(struct.unpack_from("<H", self.config, PCI_COMMAND)[0])
+
+    def config_read(self, offset: int, size: int) -> int:
+        return int.from_bytes(self.config[offset : offset + size], "little")
+
+    def config_write(self, offset: int, size: int, value: int) -> None:
+        if PCI_BAR0 <= offset < PCI_BAR0 + 4 * NUM_BARS:
+            self._bar_write(offset, size, value)
+            return
+        for i in range(size):
+            off = offset + i
+            mask = self._writable_mask(off)
+            if mask:
+                byte = (value >> (8 * i)) & 0xFF
+                self.config[off] = (self.config[off] & ~mask) | (byte & mask)
+
+    def _bar_write(self, offset: int, size: int, value: int) -> None:
+        bar = (offset - PCI_BAR0) // 4
+        bar_size = self.bar_sizes[bar]
+        if bar_size == 0:
+            return  # unimplemented BARs are hardwired to zero (6.2.5.1)
+        reg = bytearray(self.config[PCI_BAR0 + 4 * bar : PCI_BAR0 + 4 * bar + 4])
+        shift = offset - (PCI_BAR0 + 4 * bar)
+        reg[shift : shift + size] = value.to_bytes(size, "little")[: 4 - shift]
+        new = (int.from_bytes(reg, "little") & ~(bar_size - 1) & 0xFFFF) | PCI_BAR_IO
+        old = self.bar_address(bar)
+        struct.pack_into("<I", self.config, PCI_BAR0 + 4 * bar, new)
+        # Sizing writes all-ones and reads ~(size-1): the 16-bit mask above yields that.
+        if (new & ~0x3) != old and self.on_bar_moved is not None:
+            self.on_bar_moved(bar, old, new & ~0x3)
+
+
+class HostBridge(PciDevice):
+    """00:00.0, an i440FX host bridge: Linux's conf1 sanity check looks for a host bridge."""
+
+    def __init__(self) -> None:
+        super().__init__(vendor=0x8086, device=0x1237, class_code=0x060000)
+
+
+class PciBus:
+    """Bus 0: config mechanism #1 plus the I/O-port windows of the devices' BARs."""
+
+    def __init__(self, pio: PioBus) -> None:
+        self.pio = pio
+        self.address = 0
+        self.devices: dict[int, PciDevice] = {}
+        self.next_io = IO_BAR_BASE
+        self.add(HostBridge())
+        pio.register(CONFIG_ADDRESS, 4, _ConfigAddress(self))
+        pio.register(CONFIG_DATA, 4, _ConfigData(self))
+
+    def add(self, dev: PciDevice) -> int:
+        slot = len(self.devices)
+        if slot >= 32:
+            raise ValueError("PCI bus 0 is full (32 slots)")
+        self.devices[slot] = dev
+        dev.slot = slot
+        for bar, size in enumerate(dev.bar_sizes):
+            if size:
+                base = (self.next_io + size - 1) & ~(size - 1)
+                if base + size > IO_BAR_LIMIT:
+                    raise ValueError("PCI I/O space exhausted")
+                self.next_io = base + size
+                struct.pack_into("<I", dev.config, PCI_BAR0 + 4 * bar, base | PCI_BAR_IO)
+                self.pio.register(base, size, dev.bar_handlers[bar])  # type: ignore[arg-type]
+        # Firmware would have enabled decoding; Linux keeps BARs that are enabled.
+        struct.pack_into("<H", dev.config, PCI_COMMAND, dev.command | PCI_COMMAND_IO)
+        dev.on_bar_moved = lambda bar, old, new, dev=dev: self._move_bar(dev, bar, old, new)
+        return slot
+
+    def _move_bar(self, dev: PciDevice, bar: int, old: int, new: int) -> None:
+        size = dev.bar_sizes[bar]
+        handler = dev.bar_handlers[bar]
+        self.pio.unregister(old, size)
+        if new == 0 or new == (~(size - 1) & 0xFFFC):
+            return  # disabled or being sized: decode nothing until a real address arrives
+        try:
+            self.pio.register(new, size, handler)  # type: ignore[arg-type]
+        except ValueError:
+            LOG.warning("guest moved %02x.0 BAR%d onto ports in use at %#x; BAR left undecoded", dev.slot, bar, new)
+
+    # mechanism #1
+    def _selected(self) -> tuple[PciDevice | None, int]:
+        a = self.address
+        if not a & 0x8000_0000:
+            return None, 0
+        bus, slot, func, reg = (a >> 16) & 0xFF, (a >> 11) & 0x1F, (a >> 8) & 0x7, a & 0xFC
+        if bus != 0 or func != 0:
+            return None, reg
+        return self.devices.get(slot), reg
+
+    def data_read(self, offset: int, size: int) -> int:
+        dev, reg = self._selected()
+        if dev is None:
+            return (1 << (8 * size)) - 1  # no device: master abort reads all-ones
+        return dev.config_read(reg + offset, size)
+
+    def data_write(self, offset: int, size: int, value: int) -> None:
+        dev, reg = self._selected()
+        if dev is not None:
+            dev.config_write(reg + offset, size, value)
+
+
+class _ConfigAddress:
+    def __init__(self, bus: PciBus) -> None:
+        self.bus = bus
+
+    def pio_read(self, offset: int, size: int) -> int:
+        return (self.bus.address >> (8 * offset)) & ((1 << (8 * size)) - 1)
+
+    def pio_write(self, offset: int, size: int, value: int) -> None:
+        if offset == 0 and size == 4:
+            self.bus.address = value & 0x80FF_FFFC
+        # Byte writes to 0xCF8-0xCFB belong to mechanism #2 / other uses: ignored.
+
+
+class _ConfigData:
+    def __init__(self, bus: PciBus) -> None:
+        self.bus = bus
+
+    def pio_read(self, offset: int, size: int) -> int:
+        if offset + size > 4:
+            return (1 << (8 * size)) - 1
+        return self.bus.data_read(offset, size)
+
+    def pio_write(self, offset: int, size: int, value: int) -> None:
+        if offset + size <= 4:
+            self.bus.data_write(offset, size, value)
