@@ -9,7 +9,7 @@ import sys
 from . import __version__
 from .errors import ConfigError, KvmmError
 from .memory import parse_size
-from .vm import DEFAULT_CMDLINE, EXIT_DEBUG_BASE, Machine, Outcome, VmConfig
+from .vm import DEFAULT_CMDLINE, EXIT_DEBUG_BASE, DiskConfig, Machine, Outcome, VmConfig
 
 LOG = logging.getLogger("kvmm")
 
@@ -26,6 +26,7 @@ exit status:
   4   a vCPU failed: KVM could not emulate an instruction or enter the guest
   5   --timeout passed with the VM still running
  10   kernel or initrd missing, unreadable or not a bootable image
+ 11   a disk is missing, unreadable, not writable or in use by another kvmm
  12   guest memory could not be provided (more than available, no hugepages)
  13   /dev/kvm is missing or not accessible
  {EXIT_DEBUG_BASE}+v the guest wrote v (0-63) to the debug-exit port 0x501
@@ -57,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--kernel", required=True, metavar="PATH", help="kernel image: ELF vmlinux or bzImage (x86-64)")
     p.add_argument("--initrd", metavar="PATH", help="initial ramdisk (e.g. a gzip cpio archive)")
+    p.add_argument("--disk", action="append", default=[], metavar="PATH[,ro][,serial=ID]",
+                   help="raw disk image as a virtio-blk disk (vda, vdb, ... in order); repeatable")
     p.add_argument("--cmdline", default="", metavar="STR", help="extra kernel command-line parameters")
     p.add_argument("--mem", default="512M", metavar="SIZE", help="guest RAM, e.g. 256M or 2G (default: 512M)")
     p.add_argument("--cpus", type=int, default=1, metavar="N", help="number of vCPUs (default: 1)")
@@ -87,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             hugepages=args.hugepages,
             console_path=args.console,
             stop_at_init=args.stop_at_init,
+            disks=[DiskConfig.parse(spec) for spec in args.disk],
         )
         with Machine(config) as machine:
             result = machine.run(timeout=args.timeout)

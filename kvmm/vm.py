@@ -26,6 +26,7 @@ from .devices.bus import PioBus
 from .devices.cmos import Cmos
 from .devices.debug import DEBUG_EXIT_PORT, POST_PORT, DebugExit, PostCode
 from .devices.i8042 import I8042
+from .devices.pci import PciBus
 from .devices.serial import COM1_BASE, COM1_IRQ, Serial8250
 from .errors import ConfigError, KvmError, KvmmError, KvmUnavailableError
 from .host import HostKind, build_cmdline, detect_host
@@ -44,6 +45,8 @@ from .kvm.system import Kvm, Vcpu
 from .loader import BootInfo, load_linux, read_image
 from .loader import bootparams as bp
 from .memory import GuestMemory
+from .virtio.blk import RawDisk, VirtioBlk
+from .virtio.pci_legacy import VirtioPciLegacy
 
 LOG = logging.getLogger(__name__)
 
@@ -102,6 +105,35 @@ class VmResult:
         return EXIT_VMM_ERROR
 
 
+@dataclass(frozen=True)
+class DiskConfig:
+    path: str
+    read_only: bool = False
+    serial: str | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> DiskConfig:
+        """``PATH[,ro][,serial=ID]`` as given to --disk."""
+        path, *opts = spec.split(",")
+        read_only, serial = False, None
+        for opt in opts:
+            if opt == "ro":
+                read_only = True
+            elif opt == "rw":
+                read_only = False
+            elif opt.startswith("serial="):
+                serial = opt[len("serial="):]
+            else:
+                raise ConfigError(f"unknown --disk option {opt!r} in {spec!r}: expected ro, rw or serial=ID")
+        if not path:
+            raise ConfigError(f"--disk {spec!r} names no file")
+        return cls(path, read_only, serial)
+
+
+PCI_IRQ_BASE = 16  # IOAPIC inputs 16-23 carry PCI INTA of slots 1, 2, ...
+PCI_IRQ_COUNT = 8
+
+
 @dataclass
 class VmConfig:
     kernel: str
@@ -113,6 +145,7 @@ class VmConfig:
     console_path: str | None = None  # None: stdout
     stdin: bool = True
     stop_at_init: bool | None = None  # None: where guest user space cannot run
+    disks: list[DiskConfig] = field(default_factory=list)
     host: HostKind | None = None
     default_cmdline: tuple[str, ...] = DEFAULT_CMDLINE
 
@@ -140,6 +173,7 @@ class Machine:
         self._stopping = False
         self._threads: list[threading.Thread] = []
         self._kvm: Kvm | None = None
+        self.disks: list[RawDisk] = []
         self.mem: GuestMemory | None = None
         self.console: ConsoleOutput | None = None
         try:
@@ -153,6 +187,8 @@ class Machine:
         cfg = self.config
         kernel = read_image(cfg.kernel, "kernel")
         initrd = read_image(cfg.initrd, "initrd") if cfg.initrd else None
+        for d in cfg.disks:
+            self.disks.append(RawDisk(d.path, d.read_only, d.serial))
         self.cmdline = build_cmdline(cfg.cmdline, cfg.default_cmdline, self.host.extra_cmdline)
         self.stop_at_init = (not self.host.userspace_works) if cfg.stop_at_init is None else cfg.stop_at_init
 
@@ -173,8 +209,6 @@ class Machine:
 
         self.boot: BootInfo = load_linux(mem, kernel, self.cmdline, initrd, name=cfg.kernel)
         x86.write_boot_tables(mem)
-        mptable = x86.build_mptable(cfg.cpus)
-        mem.write(bp.EBDA_START, mptable)
         if self.host.software_nested:
             LOG.info(
                 "host KVM is %s (software nested, no VT-x/AMD-V): adding kernel parameters '%s'%s",
@@ -196,6 +230,19 @@ class Machine:
         self.post = PostCode()
         pio.register(POST_PORT, 1, self.post)
         pio.register(DEBUG_EXIT_PORT, 1, DebugExit(self._debug_exit))
+
+        self.pci = PciBus(pio)
+        self.virtio: list[VirtioPciLegacy] = []
+        pci_irqs = []
+        for disk in self.disks:
+            transport = VirtioPciLegacy(VirtioBlk(disk, mem), mem, set_irq=lambda level: None)
+            slot = self.pci.add(transport)
+            gsi = PCI_IRQ_BASE + (slot - 1) % PCI_IRQ_COUNT
+            transport.set_interrupt(gsi)
+            transport.set_irq = lambda level, gsi=gsi: vm.irq_line(gsi, level)
+            pci_irqs.append((slot, 0, gsi))
+            self.virtio.append(transport)
+        mem.write(bp.EBDA_START, x86.build_mptable(cfg.cpus, pci_irqs=pci_irqs))
 
         supported = kvm.supported_cpuid()
         msrs = x86.boot_msrs()
@@ -463,6 +510,12 @@ class Machine:
             self.vm.close()
         if self._kvm is not None:
             self._kvm.close()
+        for disk in self.disks:
+            try:
+                disk.close()  # fsync: what the guest wrote is on disk when kvmm ends
+            except OSError as exc:
+                LOG.error("flushing disk %s failed: %s", disk.path, exc.strerror)
+        self.disks.clear()
         if self.mem is not None:
             self.mem.close()
         if self.console is not None:

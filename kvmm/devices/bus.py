@@ -31,6 +31,10 @@ class PioBus:
         for port in range(base, base + length):
             self._ports[port] = (device, base)
 
+    def unregister(self, base: int, length: int) -> None:
+        for port in range(base, base + length):
+            self._ports.pop(port, None)
+
     def read(self, port: int, size: int) -> int:
         entry = self._ports.get(port)
         if entry is None:

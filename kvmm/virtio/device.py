@@ -1,0 +1,61 @@
+"""The device side of virtio, common to every device: one small protocol (as kvmtool's
+``struct virtio_ops``) that a transport drives.
+
+A device declares its id, feature bits, queue sizes and config space; the transport
+negotiates features, places queues and calls :meth:`VirtioDevice.process_queue` when the
+driver notifies a queue. Devices signal the driver through an :class:`Interrupt`.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from .queue import Queue
+
+# virtio 0.9.5 2.2.2.1 device status bits
+STATUS_ACKNOWLEDGE = 1
+STATUS_DRIVER = 2
+STATUS_DRIVER_OK = 4
+STATUS_FEATURES_OK = 8
+STATUS_DEVICE_NEEDS_RESET = 0x40
+STATUS_FAILED = 0x80
+
+# device ids (0.9.5 Appendix: device types)
+VIRTIO_ID_NET = 1
+VIRTIO_ID_BLOCK = 2
+VIRTIO_ID_CONSOLE = 3
+VIRTIO_ID_RNG = 4
+
+
+class Interrupt(Protocol):
+    def signal_used(self, index: int) -> None:
+        """Used buffers were added to queue ``index``."""
+
+    def signal_config(self) -> None:
+        """The device's configuration space changed."""
+
+    def needs_reset(self, reason: str) -> None:
+        """The device hit an impossible ring state and stops until the driver resets it."""
+
+
+class VirtioDevice(Protocol):
+    device_id: int
+    queue_sizes: tuple[int, ...]
+
+    def features(self) -> int:
+        """Device-specific feature bits offered (the transport adds the ring features)."""
+
+    def config(self) -> bytes:
+        """The current device configuration space."""
+
+    def config_write(self, offset: int, data: bytes) -> None:
+        """A driver write to the configuration space (already range-checked)."""
+
+    def activate(self, queues: list[Queue], features: int, interrupt: Interrupt) -> None:
+        """The driver set DRIVER_OK with ``features`` acknowledged."""
+
+    def process_queue(self, index: int) -> None:
+        """The driver notified queue ``index``."""
+
+    def reset(self) -> None:
+        """The driver wrote 0 to the status register."""

@@ -1,0 +1,199 @@
+"""Legacy virtio-PCI transport (virtio 0.9.5, "Virtio Header" in the PCI appendix).
+
+BAR0 is an I/O window holding the legacy register block, then the device's config space:
+
+    0  HOST_FEATURES   u32  ro    device features offered
+    4  GUEST_FEATURES  u32  rw    driver's features, masked to what was offered
+    8  QUEUE_PFN       u32  rw    selected queue's ring address >> 12; 0 deactivates it
+    12 QUEUE_NUM       u16  ro    selected queue's size (0: no such queue)
+    14 QUEUE_SEL       u16  rw
+    16 QUEUE_NOTIFY    u16  wo    queue index the driver kicks
+    18 DEVICE_STATUS   u8   rw    0 resets the device
+    19 ISR_STATUS      u8   ro    read-to-clear; bit 0 queue, bit 1 config; lowers INTx
+    20 device config
+
+The transport is the gatekeeper (as Firecracker's): guest values are range-checked here,
+unknown registers and odd widths are ignored on write and read as zero, config reads past
+the end read zero, and nothing a guest writes raises.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Callable
+
+from ..devices.pci import PciDevice
+from ..memory import GuestMemory
+from . import device as vd
+from .queue import (
+    VIRTIO_F_NOTIFY_ON_EMPTY,
+    VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
+    Queue,
+)
+
+LOG = logging.getLogger(__name__)
+
+VIRTIO_PCI_VENDOR = 0x1AF4
+VIRTIO_PCI_LEGACY_DEVICE_BASE = 0x1000  # legacy device id = 0x1000 + virtio id - 1
+VIRTIO_PCI_ABI_VERSION = 0  # revision 0: the legacy (0.9.5) interface
+
+HOST_FEATURES = 0
+GUEST_FEATURES = 4
+QUEUE_PFN = 8
+QUEUE_NUM = 12
+QUEUE_SEL = 14
+QUEUE_NOTIFY = 16
+STATUS = 18
+ISR = 19
+CONFIG = 20
+
+ISR_QUEUE = 0x1
+ISR_CONFIG = 0x2
+
+TRANSPORT_FEATURES = (1 << VIRTIO_F_NOTIFY_ON_EMPTY) | (1 << VIRTIO_RING_F_INDIRECT_DESC) | (1 << VIRTIO_RING_F_EVENT_IDX)
+
+CLASS_CODES = {vd.VIRTIO_ID_NET: 0x020000, vd.VIRTIO_ID_BLOCK: 0x010000, vd.VIRTIO_ID_CONSOLE: 0x078000,
+               vd.VIRTIO_ID_RNG: 0x00FF00}
+
+
+class VirtioPciLegacy(PciDevice):
+    """One virtio device behind the legacy PCI register block."""
+
+    def __init__(self, device: vd.VirtioDevice, mem: GuestMemory, set_irq: Callable[[int], None]) -> None:
+        super().__init__(
+            vendor=VIRTIO_PCI_VENDOR,
+            device=VIRTIO_PCI_LEGACY_DEVICE_BASE + device.device_id - 1,
+            class_code=CLASS_CODES.get(device.device_id, 0xFF0000),
+            revision=VIRTIO_PCI_ABI_VERSION,
+            subsystem_vendor=VIRTIO_PCI_VENDOR,
+            subsystem=device.device_id,
+        )
+        self.device = device
+        self.mem = mem
+        self.set_irq = set_irq
+        self.lock = threading.RLock()
+        self.queues = [Queue(size) for size in device.queue_sizes]
+        self.host_features = (device.features() | TRANSPORT_FEATURES) & 0xFFFF_FFFF
+        window = CONFIG + len(device.config())
+        self.add_io_bar(0, max(64, 1 << (window - 1).bit_length()), self)
+        self._reset_state()
+
+    def _reset_state(self) -> None:
+        self.guest_features = 0
+        self.queue_sel = 0
+        self.status = 0
+        self.isr = 0
+        self.irq_level = 0
+        self.activated = False
+        for q in self.queues:
+            q.reset()
+
+    # --- interrupts (Interrupt protocol) ----------------------------------------------
+    def signal_used(self, index: int) -> None:
+        with self.lock:
+            self._raise(ISR_QUEUE)
+
+    def signal_config(self) -> None:
+        with self.lock:
+            self._raise(ISR_CONFIG)
+
+    def needs_reset(self, reason: str) -> None:
+        with self.lock:
+            LOG.warning("virtio %s at %02x.0: %s; the device stops until the driver resets it",
+                        type(self.device).__name__, self.slot, reason)
+            self.status |= vd.STATUS_DEVICE_NEEDS_RESET
+            self._raise(ISR_CONFIG)
+
+    def _raise(self, bits: int) -> None:
+        self.isr |= bits
+        if not self.irq_level:
+            self.irq_level = 1
+            self.set_irq(1)
+
+    def _lower(self) -> None:
+        if self.irq_level:
+            self.irq_level = 0
+            self.set_irq(0)
+
+    # --- register block ---------------------------------------------------------------
+    def _selected(self) -> Queue | None:
+        return self.queues[self.queue_sel] if self.queue_sel < len(self.queues) else None
+
+    def pio_read(self, offset: int, size: int) -> int:
+        with self.lock:
+            if offset >= CONFIG:
+                data = self.device.config()[offset - CONFIG : offset - CONFIG + size]
+                return int.from_bytes(data.ljust(size, b"\0"), "little")  # zero past the end
+            q = self._selected()
+            header = (
+                self.host_features.to_bytes(4, "little")
+                + self.guest_features.to_bytes(4, "little")
+                + (q.pfn if q is not None and q.ready else 0).to_bytes(4, "little")
+                + (q.max_size if q is not None else 0).to_bytes(2, "little")
+                + self.queue_sel.to_bytes(2, "little")
+                + b"\0\0"
+                + bytes((self.status, self.isr))
+            )
+            value = int.from_bytes(header[offset : offset + size].ljust(size, b"\0"), "little")
+            if offset <= ISR < offset + size:
+                # Reading ISR acknowledges the interrupt (0.9.5 2.4.1 "ISR status").
+                self.isr = 0
+                self._lower()
+            return value
+
+    def pio_write(self, offset: int, size: int, value: int) -> None:
+        with self.lock:
+            if offset >= CONFIG:
+                cfg_len = len(self.device.config())
+                if offset - CONFIG + size <= cfg_len:
+                    self.device.config_write(offset - CONFIG, value.to_bytes(size, "little"))
+                return
+            if (offset, size) == (GUEST_FEATURES, 4):
+                if not self.status & vd.STATUS_DRIVER_OK:
+                    self.guest_features = value & self.host_features
+            elif (offset, size) == (QUEUE_PFN, 4):
+                self._set_queue_pfn(value)
+            elif (offset, size) == (QUEUE_SEL, 2):
+                self.queue_sel = value  # out of range: QUEUE_NUM reads 0 and writes are ignored
+            elif (offset, size) == (QUEUE_NOTIFY, 2):
+                self._notify(value)
+            elif (offset, size) == (STATUS, 1):
+                self._set_status(value)
+            else:
+                LOG.debug("virtio-pci: ignored write of %d bytes at offset %d", size, offset)
+
+    def _set_queue_pfn(self, pfn: int) -> None:
+        q = self._selected()
+        if q is None or self.activated:
+            return
+        if pfn == 0:
+            q.reset()
+            return
+        q.activate_legacy(self.mem, pfn)
+
+    def _set_status(self, value: int) -> None:
+        if value == 0:
+            self.device.reset()
+            self._reset_state()
+            self._lower()
+            return
+        self.status = value & 0xFF
+        if value & vd.STATUS_FAILED:
+            LOG.info("virtio %s: the driver gave up on the device (status FAILED)", type(self.device).__name__)
+        if value & vd.STATUS_DRIVER_OK and not self.activated:
+            features = self.guest_features
+            for q in self.queues:
+                q.event_idx = bool(features & (1 << VIRTIO_RING_F_EVENT_IDX))
+                q.notify_on_empty = bool(features & (1 << VIRTIO_F_NOTIFY_ON_EMPTY))
+            self.activated = True
+            self.device.activate(self.queues, features, self)
+
+    def _notify(self, index: int) -> None:
+        if index >= len(self.queues):
+            LOG.debug("virtio-pci: notify of queue %d, which does not exist", index)
+            return
+        if not self.activated or self.status & vd.STATUS_DEVICE_NEEDS_RESET or not self.queues[index].ready:
+            return
+        self.device.process_queue(index)
