@@ -2,7 +2,7 @@
 # Build kvmm's guest kernel (vmlinux and bzImage) from Debian's linux-source-6.1.
 #
 # The result is cached under ${KVMM_CACHE:-~/.cache/kvmm}/kernel-<key>/, where <key>
-# hashes the source package version, config.fragment and this script, so a second run
+# hashes the source package version, config.fragment and the recipe number below, so a second run
 # with the same inputs is instant. Prints the cache directory on stdout (last line).
 #
 # Usage: kernels/build.sh [--print-dir]   (--print-dir: print the cache dir, build nothing)
@@ -11,16 +11,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 cache=${KVMM_CACHE:-$HOME/.cache/kvmm}
 tarball=/usr/src/linux-source-6.1.tar.xz
 
-need_pkgs=(linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev xz-utils)
-missing=()
-for p in "${need_pkgs[@]}"; do
-    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-    echo "kernels/build.sh: installing ${missing[*]}" >&2
-    apt-get update -q >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >&2
-fi
+"$here/../scripts/ensure-packages.sh" linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev xz-utils
 
 # Bump when the build steps below change what they produce.
 recipe=1

@@ -104,3 +104,50 @@ def test_bzimage_is_entered_at_its_64bit_entry_point(kernel_dir: Path) -> None:
     assert sregs.efer & (1 << 10), "left long mode"
     assert 0x100000 <= regs.rip < 0x1000000 + hdr.init_size, hex(regs.rip)
     assert regs.rip != m.boot.entry
+
+
+@pytest.fixture(scope="module")
+def spin_rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An ext4 root whose /sbin/init spins without system calls (keeps the kernel alive)."""
+    out = tmp_path_factory.mktemp("rootfs") / "root.img"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "mkrootfs.py"), "--init", "spin", "-o", str(out)],
+                   check=True, capture_output=True)
+    return out
+
+
+def boot_until_init(kernel_dir: Path, tmp_path: Path, disks: list, cmdline: str) -> tuple[str, object]:  # type: ignore[type-arg]
+    from kvmm.vm import DiskConfig
+
+    console = tmp_path / "console.log"
+    cfg = VmConfig(kernel=str(kernel_dir / "vmlinux"), mem_size=256 << 20, cmdline=cmdline, console_path=str(console),
+                   stdin=False, stop_at_init=True, disks=[DiskConfig(*d) for d in disks])
+    with Machine(cfg) as m:
+        result = m.run(timeout=BOOT_TIMEOUT)
+    return console.read_text(errors="replace"), result
+
+
+def test_root_on_virtio_blk(kernel_dir: Path, spin_rootfs: Path, tmp_path: Path) -> None:
+    extra = tmp_path / "extra.img"
+    extra.write_bytes(b"\0" * (3 << 20))
+    log, result = boot_until_init(kernel_dir, tmp_path, [(str(spin_rootfs), False), (str(extra), True)], "root=/dev/vda rw")
+    assert_in_order(log, [
+        r"virtio-pci 0000:00:01\.0: PCI->APIC IRQ transform: INT A -> IRQ 16",
+        r"virtio_blk virtio0: \[vda\] 131072 512-byte logical blocks \(67\.1 MB/64\.0 MiB\)",
+        r"virtio_blk virtio1: \[vdb\] 6144 512-byte logical blocks",
+        r"EXT4-fs \(vda\): mounted filesystem",
+        r"VFS: Mounted root \(ext4 filesystem\) on device 254:0",
+        r"Run /sbin/init as init process",
+    ])
+    assert result.outcome is Outcome.INIT_REACHED, result  # type: ignore[attr-defined]
+
+
+def test_read_only_disk_mounts_read_only(kernel_dir: Path, spin_rootfs: Path, tmp_path: Path) -> None:
+    # The kernel is asked for a read-write root; VIRTIO_BLK_F_RO makes it fall back to r/o.
+    before = spin_rootfs.read_bytes()
+    log, result = boot_until_init(kernel_dir, tmp_path, [(str(spin_rootfs), True)], "root=/dev/vda rw")
+    assert_in_order(log, [
+        r"virtio_blk virtio0: \[vda\] 131072 512-byte logical blocks",
+        r"VFS: Mounted root \(ext4 filesystem\) readonly on device 254:0",
+        r"Run /sbin/init as init process",
+    ])
+    assert spin_rootfs.read_bytes() == before
