@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="end the VM when the kernel starts init (default auto: only where guest user space cannot run)")
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                    help="end the VM (exit status 5) if it still runs after SECONDS")
+    p.add_argument("--stats", action="store_true", help="print the exits to kvmm by reason when the VM ends")
+    p.add_argument("--no-exitless", dest="exitless", action="store_false",
+                   help="serve queue notifies as VM exits and INTx by KVM_IRQ_LINE (for comparison)")
     p.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
     p.add_argument("-v", "--verbose", action="store_true", help="log debugging detail")
     p.add_argument("--version", action="version", version=f"kvmm {__version__}")
@@ -91,10 +94,11 @@ def main(argv: list[str] | None = None) -> int:
             console_path=args.console,
             stop_at_init=args.stop_at_init,
             disks=[DiskConfig.parse(spec) for spec in args.disk],
+            exitless=args.exitless,
         )
         with Machine(config) as machine:
             result = machine.run(timeout=args.timeout)
-            exits = machine.stats.exits
+            exits = machine.exit_report()
     except ConfigError as exc:
         print(f"kvmm: error: {exc}", file=sys.stderr)
         return exc.exit_status
@@ -106,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nkvmm: error: {result.message}", file=sys.stderr)
     else:
         LOG.info("%s (exit status %d)", result.message, status)
-    LOG.debug("exits: %s", dict(exits))
+    if args.stats:
+        print("kvmm: exits: " + ", ".join(f"{k}={v}" for k, v in sorted(exits.items())), file=sys.stderr)
     return status
 
 

@@ -13,15 +13,16 @@ import enum
 import logging
 import os
 import re
-import selectors
 import signal
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Callable
 
 from . import x86
 from .console import ConsoleOutput, TerminalInput
+from .eventloop import EventLoop, drain_eventfd, make_eventfd
 from .devices.bus import PioBus
 from .devices.cmos import Cmos
 from .devices.debug import DEBUG_EXIT_PORT, POST_PORT, DebugExit, PostCode
@@ -41,7 +42,7 @@ from .kvm.exits import (
     ShutdownExit,
     SystemEventExit,
 )
-from .kvm.system import Kvm, Vcpu
+from .kvm.system import Kvm, Vcpu, Vm
 from .loader import BootInfo, load_linux, read_image
 from .loader import bootparams as bp
 from .memory import GuestMemory
@@ -146,6 +147,7 @@ class VmConfig:
     stdin: bool = True
     stop_at_init: bool | None = None  # None: where guest user space cannot run
     disks: list[DiskConfig] = field(default_factory=list)
+    exitless: bool = True  # queue notifies by ioeventfd and INTx by irqfd (False: VM exits, KVM_IRQ_LINE)
     host: HostKind | None = None
     default_cmdline: tuple[str, ...] = DEFAULT_CMDLINE
 
@@ -156,6 +158,33 @@ class VmStats:
     int3_injected: int = 0
     started: float = field(default_factory=time.monotonic)
     init_seconds: float | None = None
+
+
+class IrqfdLine:
+    """A level-triggered interrupt line driven through a KVM irqfd with a resample fd.
+
+    Writing the irqfd asserts the line without an ioctl. KVM de-asserts it when the guest
+    EOIs the interrupt and signals the resample fd; if the device still has the interrupt
+    pending (``still_pending``), it is asserted again: level semantics, as INTx needs."""
+
+    def __init__(self, vm: "Vm", gsi: int, loop: EventLoop, still_pending: Callable[[], bool]) -> None:
+        self.gsi = gsi
+        self.fd = make_eventfd()
+        self.resample_fd = make_eventfd()
+        self.still_pending = still_pending
+        vm.irqfd(self.fd, gsi, flags=K.KVM_IRQFD_FLAG_RESAMPLE, resamplefd=self.resample_fd)
+        loop.add_reader(self.resample_fd, self._resample)
+        self.asserts = 0
+
+    def __call__(self, level: int) -> None:
+        if level:
+            self.asserts += 1
+            os.eventfd_write(self.fd, 1)
+        # level 0: KVM lowers the line at the guest's EOI (then _resample runs)
+
+    def _resample(self) -> None:
+        if drain_eventfd(self.resample_fd) and self.still_pending():
+            os.eventfd_write(self.fd, 1)
 
 
 class Machine:
@@ -174,6 +203,7 @@ class Machine:
         self._threads: list[threading.Thread] = []
         self._kvm: Kvm | None = None
         self.disks: list[RawDisk] = []
+        self.loop = EventLoop()
         self.mem: GuestMemory | None = None
         self.console: ConsoleOutput | None = None
         try:
@@ -239,7 +269,11 @@ class Machine:
             slot = self.pci.add(transport)
             gsi = PCI_IRQ_BASE + (slot - 1) % PCI_IRQ_COUNT
             transport.set_interrupt(gsi)
-            transport.set_irq = lambda level, gsi=gsi: vm.irq_line(gsi, level)
+            if cfg.exitless:
+                transport.set_irq = IrqfdLine(vm, gsi, self.loop, lambda t=transport: t.isr != 0)
+                transport.notify_host = self
+            else:
+                transport.set_irq = lambda level, gsi=gsi: vm.irq_line(gsi, level)
             pci_irqs.append((slot, 0, gsi))
             self.virtio.append(transport)
         mem.write(bp.EBDA_START, x86.build_mptable(cfg.cpus, pci_irqs=pci_irqs))
@@ -254,6 +288,32 @@ class Machine:
             x86.setup_lapic(vcpu)
             if i == 0:
                 x86.setup_long_mode(vcpu, self.boot.entry, self.boot.boot_params)
+
+    # --- ioeventfds (NotifyHost) ---------------------------------------------------------
+    def add_ioeventfd(self, port: int, datamatch: int, callback: Callable[[], None]) -> int:
+        """A 16-bit port write of ``datamatch`` to ``port`` signals an eventfd in KVM instead
+        of exiting; the I/O thread then runs ``callback``."""
+        fd = make_eventfd()
+        self.vm.ioeventfd(fd, port, 2, datamatch=datamatch)
+
+        def ready() -> None:
+            if drain_eventfd(fd):
+                callback()
+
+        self.loop.call_soon(lambda: self.loop.add_reader(fd, ready))
+        return fd
+
+    def remove_ioeventfd(self, fd: int, port: int, datamatch: int) -> None:
+        try:
+            self.vm.ioeventfd(fd, port, 2, datamatch=datamatch, deassign=True)
+        except KvmError as exc:
+            LOG.debug("removing ioeventfd on port %#x: %s", port, exc)
+
+        def drop() -> None:
+            self.loop.remove_reader(fd)
+            os.close(fd)
+
+        self.loop.call_soon(drop)
 
     @staticmethod
     def _set_msrs(vcpu: Vcpu, msrs: dict[int, int]) -> None:
@@ -364,6 +424,14 @@ class Machine:
             else:
                 self.stop(VmResult(Outcome.VCPU_ERROR, f"vCPU {vcpu.id}: unhandled exit {ex}"))
 
+    def exit_report(self) -> dict[str, int]:
+        """Exits to kvmm by kind, and how queue notifies arrived (VM exit or ioeventfd)."""
+        report = dict(self.stats.exits)
+        report["queue_notify_exits"] = sum(t.notify_exits for t in self.virtio)
+        report["queue_notify_ioeventfd"] = sum(t.notify_events for t in self.virtio)
+        report["post_code_writes"] = self.post.writes
+        return report
+
     def request_dump(self) -> None:
         """Log every vCPU's registers and the exit counts (SIGUSR2 on the command line)."""
         self._dump_requested = True
@@ -418,46 +486,40 @@ class Machine:
             t.start()
 
     def run(self, timeout: float | None = None) -> VmResult:
-        """Run until the guest or a signal ends the VM (or ``timeout`` seconds pass)."""
+        """Run until the guest or a signal ends the VM (or ``timeout`` seconds pass).
+
+        The calling thread becomes the I/O thread: it serves ioeventfds, irqfd resamples,
+        console input and output, and signals, until the VM ends."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        term = TerminalInput(0) if self.config.stdin else None
-        sel = selectors.DefaultSelector()
+        loop = self.loop
         old_handlers = {}
-        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         old_wakeup = None
+        stdin = TerminalInput(0) if self.config.stdin else None
         raw_terminal: TerminalInput | None = None
         main = threading.current_thread() is threading.main_thread()
         try:
             if main:
-                old_wakeup = signal.set_wakeup_fd(wake_w)
+                old_wakeup = signal.set_wakeup_fd(loop.wakeup_fd)
                 for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                     old_handlers[sig] = signal.signal(sig, self._on_signal)
                 old_handlers[signal.SIGUSR2] = signal.signal(signal.SIGUSR2, lambda s, f: self.request_dump())
-            sel.register(wake_r, selectors.EVENT_READ)
-            if term is not None:
+            if stdin is not None:
                 try:
-                    sel.register(0, selectors.EVENT_READ, term)
-                    term.enter_raw()
-                    raw_terminal = term
+                    loop.add_reader(0, lambda: self._read_stdin(stdin))
+                    stdin.enter_raw()
+                    raw_terminal = stdin
                 except (ValueError, OSError, PermissionError):
-                    term = None  # stdin closed or not pollable (a regular file): no input
+                    stdin = None  # stdin closed or not pollable (a regular file): no input
+            self._stdin = stdin
             self.start()
             while not self._done.is_set():
-                for key, _ in sel.select(timeout=0.05):
-                    if key.fileobj == wake_r:
-                        try:
-                            os.read(wake_r, 512)
-                        except BlockingIOError:
-                            pass
-                    elif term is not None and not self._read_stdin(term):
-                        sel.unregister(0)  # EOF: the guest just sees no more input
-                        term = None
+                loop.run_once(timeout=0.05)
                 # Back-pressure: while the UART's input backlog is full, stop reading stdin.
-                if term is not None and (0 in sel.get_map()) != (self.serial.rx_room() > 0):
-                    if 0 in sel.get_map():
-                        sel.unregister(0)
+                if self._stdin is not None and loop.has_reader(0) != (self.serial.rx_room() > 0):
+                    if loop.has_reader(0):
+                        loop.remove_reader(0)
                     else:
-                        sel.register(0, selectors.EVENT_READ, term)
+                        loop.add_reader(0, lambda: self._read_stdin(stdin))  # type: ignore[arg-type]
                 self.console.flush()
                 if not any(t.is_alive() for t in self._threads):
                     self.stop(VmResult(Outcome.VMM_ERROR, "all vCPU threads ended"))
@@ -474,29 +536,29 @@ class Machine:
                 for sig, handler in old_handlers.items():
                     signal.signal(sig, handler)
                 signal.set_wakeup_fd(old_wakeup if old_wakeup is not None else -1)
-            sel.close()
-            os.close(wake_r)
-            os.close(wake_w)
             self.console.flush()
         assert self._result is not None
         return self._result
 
-    def _read_stdin(self, term: TerminalInput) -> bool:
-        """Pass terminal input to the UART; False at end of input."""
+    _stdin: TerminalInput | None = None
+
+    def _read_stdin(self, term: TerminalInput) -> None:
+        """Pass terminal input to the UART; at end of input, stop reading."""
         try:
             data = os.read(0, min(512, max(self.serial.rx_room(), 1)))
         except BlockingIOError:
-            return True
+            return
         except OSError:
             data = b""
         if not data:
-            return False
+            self.loop.remove_reader(0)  # EOF: the guest just sees no more input
+            self._stdin = None
+            return
         data, quit_requested = term.filter(data)
         if data:
             self.serial.receive(data)
         if quit_requested:
             self.stop(VmResult(Outcome.INTERRUPTED, "quit from the console (Ctrl-A x)", signal=signal.SIGINT))
-        return True
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.stop(VmResult(Outcome.INTERRUPTED, f"stopped by {signal.Signals(signum).name}", signal=signum))
@@ -520,6 +582,7 @@ class Machine:
             self.mem.close()
         if self.console is not None:
             self.console.close()
+        self.loop.close()
 
     def __enter__(self) -> Machine:
         return self

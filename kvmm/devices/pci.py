@@ -61,6 +61,9 @@ class PciDevice:
         self.on_bar_moved: Callable[[int, int, int], None] | None = None  # (bar, old, new)
         self.slot = 0
 
+    def bar_relocated(self, bar: int, address: int) -> None:
+        """The guest placed ``bar`` at ``address`` (0: not decoded). For subclasses."""
+
     # writable bits of the header, by offset (everything else is read-only)
     def _writable_mask(self, offset: int) -> int:
         if offset in (PCI_COMMAND, PCI_COMMAND + 1):
@@ -159,11 +162,15 @@ class PciBus:
         handler = dev.bar_handlers[bar]
         self.pio.unregister(old, size)
         if new == 0 or new == (~(size - 1) & 0xFFFC):
+            dev.bar_relocated(bar, 0)
             return  # disabled or being sized: decode nothing until a real address arrives
         try:
             self.pio.register(new, size, handler)  # type: ignore[arg-type]
         except ValueError:
             LOG.warning("guest moved %02x.0 BAR%d onto ports in use at %#x; BAR left undecoded", dev.slot, bar, new)
+            dev.bar_relocated(bar, 0)
+            return
+        dev.bar_relocated(bar, new)
 
     # mechanism #1
     def _selected(self) -> tuple[PciDevice | None, int]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Callable
+from typing import Callable, Protocol
 
 from ..devices.pci import PciDevice
 from ..memory import GuestMemory
@@ -58,6 +58,14 @@ CLASS_CODES = {vd.VIRTIO_ID_NET: 0x020000, vd.VIRTIO_ID_BLOCK: 0x010000, vd.VIRT
                vd.VIRTIO_ID_RNG: 0x00FF00}
 
 
+class NotifyHost(Protocol):
+    """Where the transport registers a queue's notify as a KVM ioeventfd (the machine)."""
+
+    def add_ioeventfd(self, port: int, datamatch: int, callback: Callable[[], None]) -> int: ...
+
+    def remove_ioeventfd(self, fd: int, port: int, datamatch: int) -> None: ...
+
+
 class VirtioPciLegacy(PciDevice):
     """One virtio device behind the legacy PCI register block."""
 
@@ -75,12 +83,17 @@ class VirtioPciLegacy(PciDevice):
         self.set_irq = set_irq
         self.lock = threading.RLock()
         self.queues = [Queue(size) for size in device.queue_sizes]
+        self.notify_host: NotifyHost | None = None
+        self._ioeventfds: dict[int, tuple[int, int]] = {}  # queue -> (eventfd, port)
+        self.notify_exits = 0  # QUEUE_NOTIFY writes that reached kvmm as VM exits
+        self.notify_events = 0  # ... and as ioeventfd wake-ups (no exit)
         self.host_features = (device.features() | TRANSPORT_FEATURES) & 0xFFFF_FFFF
         window = CONFIG + len(device.config())
         self.add_io_bar(0, max(64, 1 << (window - 1).bit_length()), self)
         self._reset_state()
 
     def _reset_state(self) -> None:
+        self._detach_notifies()
         self.guest_features = 0
         self.queue_sel = 0
         self.status = 0
@@ -158,6 +171,7 @@ class VirtioPciLegacy(PciDevice):
             elif (offset, size) == (QUEUE_SEL, 2):
                 self.queue_sel = value  # out of range: QUEUE_NUM reads 0 and writes are ignored
             elif (offset, size) == (QUEUE_NOTIFY, 2):
+                self.notify_exits += 1
                 self._notify(value)
             elif (offset, size) == (STATUS, 1):
                 self._set_status(value)
@@ -168,10 +182,47 @@ class VirtioPciLegacy(PciDevice):
         q = self._selected()
         if q is None or self.activated:
             return
+        index = self.queue_sel
         if pfn == 0:
+            self._detach_notify(index)
             q.reset()
             return
-        q.activate_legacy(self.mem, pfn)
+        if q.activate_legacy(self.mem, pfn):
+            self._attach_notify(index)
+
+    # --- exitless notifies: one ioeventfd per live queue on QUEUE_NOTIFY -------------------
+    def _attach_notify(self, index: int) -> None:
+        base = self.bar_address(0)
+        if self.notify_host is None or index in self._ioeventfds or base == 0:
+            return
+        port = base + QUEUE_NOTIFY
+        fd = self.notify_host.add_ioeventfd(port, index, lambda: self._notify_event(index))
+        self._ioeventfds[index] = (fd, port)
+
+    def _detach_notify(self, index: int) -> None:
+        entry = self._ioeventfds.pop(index, None)
+        if entry is not None and self.notify_host is not None:
+            self.notify_host.remove_ioeventfd(entry[0], entry[1], index)
+
+    def _detach_notifies(self) -> None:
+        for index in list(getattr(self, "_ioeventfds", {})):
+            self._detach_notify(index)
+
+    def bar_relocated(self, bar: int, address: int) -> None:
+        if bar != 0:
+            return
+        with self.lock:
+            self._detach_notifies()
+            if address:
+                for index, q in enumerate(self.queues):
+                    if q.ready:
+                        self._attach_notify(index)
+
+    def _notify_event(self, index: int) -> None:
+        """An ioeventfd fired: the guest kicked queue ``index`` without a VM exit."""
+        with self.lock:
+            self.notify_events += 1
+            self._notify(index)
 
     def _set_status(self, value: int) -> None:
         if value == 0:

@@ -1,0 +1,94 @@
+"""The I/O thread's event loop: an epoll selector over eventfds, the console and sockets.
+
+Queue notifies reach kvmm as KVM ioeventfds and interrupts leave through KVM irqfds, so
+the guest's I/O hot path never waits on Python in a vCPU thread: the vCPU stays in
+KVM_RUN while this loop serves the device. Callbacks run on the loop's thread only;
+other threads hand work over with :meth:`EventLoop.call_soon`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import threading
+from collections import deque
+from typing import Callable
+
+LOG = logging.getLogger(__name__)
+
+Callback = Callable[[], None]
+
+
+class EventLoop:
+    def __init__(self) -> None:
+        self.selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.selector.register(self._wake_r, selectors.EVENT_READ, self._drain_wakeup)
+        self._pending: deque[Callback] = deque()
+        self._lock = threading.Lock()
+        self.thread_id: int | None = None
+
+    @property
+    def wakeup_fd(self) -> int:
+        """Write a byte here (e.g. ``signal.set_wakeup_fd``) to wake the loop."""
+        return self._wake_w
+
+    def add_reader(self, fd: int, callback: Callback) -> None:
+        self.selector.register(fd, selectors.EVENT_READ, callback)
+
+    def remove_reader(self, fd: int) -> None:
+        try:
+            self.selector.unregister(fd)
+        except (KeyError, ValueError):
+            pass
+
+    def has_reader(self, fd: int) -> bool:
+        return fd in self.selector.get_map()
+
+    def call_soon(self, callback: Callback) -> None:
+        """Run ``callback`` on the loop's thread (thread-safe)."""
+        with self._lock:
+            self._pending.append(callback)
+        self.wake()
+
+    def wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"\0")
+        except BlockingIOError:
+            pass  # already a wake-up pending
+
+    def _drain_wakeup(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def run_once(self, timeout: float | None) -> None:
+        self.thread_id = threading.get_ident()
+        for key, _ in self.selector.select(timeout):
+            key.data()
+        while True:
+            with self._lock:
+                if not self._pending:
+                    break
+                cb = self._pending.popleft()
+            cb()
+
+    def close(self) -> None:
+        self.selector.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+
+def make_eventfd() -> int:
+    return os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+
+def drain_eventfd(fd: int) -> int:
+    """The eventfd's counter (0 if nothing was signalled)."""
+    try:
+        return os.eventfd_read(fd)
+    except BlockingIOError:
+        return 0

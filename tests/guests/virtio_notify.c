@@ -1,0 +1,93 @@
+/* Drives the virtio-blk device at PCI 00:01.0 through its legacy registers: one GET_ID
+ * request, a queue notify, then HLT until the interrupt (IOAPIC pin 16, level) arrives.
+ * The handler reads ISR (acknowledging it) and EOIs. Prints the serial and the ISR seen;
+ * ends with debug-exit 0x10 on success, 1 on failure. */
+#include "guest.h"
+
+static inline void outw(u16 port, u16 v) { __asm__ volatile("outw %0, %1" : : "a"(v), "Nd"(port)); }
+static inline void outl(u16 port, u32 v) { __asm__ volatile("outl %0, %1" : : "a"(v), "Nd"(port)); }
+static inline u16 inw(u16 port) { u16 v; __asm__ volatile("inw %1, %0" : "=a"(v) : "Nd"(port)); return v; }
+static inline u32 inl(u16 port) { u32 v; __asm__ volatile("inl %1, %0" : "=a"(v) : "Nd"(port)); return v; }
+static inline void mmio_w32(u64 a, u32 v) { *(volatile u32 *)a = v; }
+static inline u32 mmio_r32(u64 a) { return *(volatile u32 *)a; }
+
+struct __attribute__((packed)) gate { u16 off_lo, sel; u8 ist, type; u16 off_mid; u32 off_hi, zero; };
+struct desc { u64 addr; u32 len; u16 flags, next; };
+
+static struct gate idt[256] __attribute__((aligned(16)));
+static u8 ring[3 * 4096] __attribute__((aligned(4096)));
+static struct __attribute__((packed)) { u32 type, reserved; u64 sector; } hdr;
+static char serial[21];
+static volatile u8 status = 0xee;
+static volatile u16 iobase;
+static volatile int interrupts;
+static volatile u8 isr_seen;
+
+#define VEC 0x40
+#define LAPIC 0xfee00000UL
+#define IOAPIC 0xfec00000UL
+#define QSIZE_MAX 1024
+
+struct interrupt_frame;
+__attribute__((interrupt)) static void on_irq(struct interrupt_frame *frame)
+{
+    (void)frame;
+    isr_seen = inb(iobase + 19); /* read-to-clear: the device lowers its line */
+    interrupts++;
+    mmio_w32(LAPIC + 0xb0, 0); /* EOI: KVM resamples the level-triggered line */
+}
+
+static u32 pci_read(u8 slot, u8 reg)
+{
+    outl(0xcf8, 0x80000000u | (slot << 11) | reg);
+    return inl(0xcfc);
+}
+
+ENTRY
+{
+    if ((pci_read(1, 0) & 0xffff) != 0x1af4) { puts_serial("no virtio device\n"); debug_exit(1); }
+    iobase = pci_read(1, 0x10) & ~3u;
+
+    u64 h = (u64)on_irq;
+    idt[VEC] = (struct gate){ (u16)h, 0x10, 0, 0x8e, (u16)(h >> 16), (u32)(h >> 32), 0 };
+    struct __attribute__((packed)) { u16 limit; u64 base; } idtr = { sizeof(idt) - 1, (u64)idt };
+    __asm__ volatile("lidt %0" : : "m"(idtr));
+    mmio_w32(LAPIC + 0xf0, 0x1ff); /* software-enable the LAPIC, spurious vector 0xff */
+    mmio_w32(IOAPIC, 0x10 + 2 * 16 + 1);
+    mmio_w32(IOAPIC + 0x10, 0); /* destination APIC 0 */
+    mmio_w32(IOAPIC, 0x10 + 2 * 16);
+    mmio_w32(IOAPIC + 0x10, VEC | (1u << 15)); /* fixed, physical, active high, level, unmasked */
+
+    outb(iobase + 18, 0);
+    outb(iobase + 18, 1 | 2);
+    outl(iobase + 4, 0); /* no optional features: plain interrupts */
+    outw(iobase + 14, 0);
+    u16 qsize = inw(iobase + 12);
+    if (qsize == 0 || qsize > 256) { puts_serial("bad queue size\n"); debug_exit(1); }
+    struct desc *d = (struct desc *)ring;
+    volatile u16 *avail = (u16 *)(ring + 16 * qsize);
+    u64 used_off = ((16 * qsize + 2 * (3 + qsize)) + 4095) & ~4095UL;
+    volatile u16 *used = (u16 *)(ring + used_off);
+    outl(iobase + 8, (u32)((u64)ring >> 12));
+    outb(iobase + 18, 1 | 2 | 4);
+
+    hdr.type = 8; /* VIRTIO_BLK_T_GET_ID */
+    d[0] = (struct desc){ (u64)&hdr, 16, 1, 1 };
+    d[1] = (struct desc){ (u64)serial, 20, 1 | 2, 2 };
+    d[2] = (struct desc){ (u64)&status, 1, 2, 0 };
+    avail[2] = 0;
+    __asm__ volatile("" ::: "memory");
+    avail[1] = 1;
+    outw(iobase + 16, 0); /* QUEUE_NOTIFY: an ioeventfd in KVM, no exit to kvmm */
+
+    for (long spins = 0; interrupts == 0 && spins < 1000000; spins++)
+        __asm__ volatile("sti; hlt; cli");
+    if (interrupts == 0) { puts_serial("no interrupt\n"); debug_exit(1); }
+    if (used[1] != 1 || status != 0) { puts_serial("request not completed\n"); debug_exit(1); }
+    puts_serial("serial ");
+    puts_serial(serial);
+    puts_serial(" isr ");
+    putc_serial((char)('0' + isr_seen));
+    putc_serial('\n');
+    debug_exit(0x10);
+}
