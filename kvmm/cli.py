@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stats", action="store_true", help="print the exits to kvmm by reason when the VM ends")
     p.add_argument("--no-exitless", dest="exitless", action="store_false",
                    help="serve queue notifies as VM exits and INTx by KVM_IRQ_LINE (for comparison)")
+    p.add_argument("--no-msix", dest="msix", action="store_false", help="offer virtio devices without MSI-X (INTx only)")
     p.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
     p.add_argument("-v", "--verbose", action="store_true", help="log debugging detail")
     p.add_argument("--version", action="version", version=f"kvmm {__version__}")
@@ -95,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             stop_at_init=args.stop_at_init,
             disks=[DiskConfig.parse(spec) for spec in args.disk],
             exitless=args.exitless,
+            msix=args.msix,
         )
         with Machine(config) as machine:
             result = machine.run(timeout=args.timeout)

@@ -23,7 +23,7 @@ from typing import Callable
 from . import x86
 from .console import ConsoleOutput, TerminalInput
 from .eventloop import EventLoop, drain_eventfd, make_eventfd
-from .devices.bus import PioBus
+from .devices.bus import MmioBus, PioBus
 from .devices.cmos import Cmos
 from .devices.debug import DEBUG_EXIT_PORT, POST_PORT, DebugExit, PostCode
 from .devices.i8042 import I8042
@@ -31,6 +31,7 @@ from .devices.pci import PciBus
 from .devices.serial import COM1_BASE, COM1_IRQ, Serial8250
 from .errors import ConfigError, KvmError, KvmmError, KvmUnavailableError
 from .host import HostKind, build_cmdline, detect_host
+from .irq import GsiRouter
 from .kvm import ioctls as K
 from .kvm.exits import (
     FailEntryExit,
@@ -148,6 +149,7 @@ class VmConfig:
     stop_at_init: bool | None = None  # None: where guest user space cannot run
     disks: list[DiskConfig] = field(default_factory=list)
     exitless: bool = True  # queue notifies by ioeventfd and INTx by irqfd (False: VM exits, KVM_IRQ_LINE)
+    msix: bool = True  # offer MSI-X on virtio devices (the guest may still choose INTx, e.g. pci=nomsi)
     host: HostKind | None = None
     default_cmdline: tuple[str, ...] = DEFAULT_CMDLINE
 
@@ -261,11 +263,15 @@ class Machine:
         pio.register(POST_PORT, 1, self.post)
         pio.register(DEBUG_EXIT_PORT, 1, DebugExit(self._debug_exit))
 
-        self.pci = PciBus(pio)
+        self.mmio = MmioBus()
+        self.pci = PciBus(pio, self.mmio)
+        self.router = GsiRouter(vm)
         self.virtio: list[VirtioPciLegacy] = []
         pci_irqs = []
         for disk in self.disks:
-            transport = VirtioPciLegacy(VirtioBlk(disk, mem), mem, set_irq=lambda level: None)
+            transport = VirtioPciLegacy(VirtioBlk(disk, mem), mem, set_irq=lambda level: None, msix=cfg.msix)
+            if transport.msix is not None:
+                self._wire_msix(transport)
             slot = self.pci.add(transport)
             gsi = PCI_IRQ_BASE + (slot - 1) % PCI_IRQ_COUNT
             transport.set_interrupt(gsi)
@@ -288,6 +294,21 @@ class Machine:
             x86.setup_lapic(vcpu)
             if i == 0:
                 x86.setup_long_mode(vcpu, self.boot.entry, self.boot.boot_params)
+
+    def _wire_msix(self, transport: VirtioPciLegacy) -> None:
+        """Give each of the device's MSI-X vectors a GSI with an irqfd."""
+        assert transport.msix is not None
+        vectors = [self.router.allocate_msi() for _ in range(transport.msix.nvec)]
+
+        def route(vec: int, address: int, data: int) -> None:
+            if address:
+                vectors[vec].route(address, data)
+            else:
+                vectors[vec].unroute()
+
+        transport.msi_fire = lambda vec: vectors[vec].fire()
+        transport.msi_route = route
+        transport.msi_vectors = vectors  # type: ignore[attr-defined]
 
     # --- ioeventfds (NotifyHost) ---------------------------------------------------------
     def add_ioeventfd(self, port: int, datamatch: int, callback: Callable[[], None]) -> int:
@@ -402,9 +423,10 @@ class Machine:
                 if self._dump_requested:
                     self._dump_vcpu(vcpu)
             elif kind is MmioExit:
-                # No MMIO devices yet: reads see all-ones (nothing decodes the address).
-                if not ex.is_write:
-                    ex.data[:] = b"\xff" * ex.length
+                if ex.is_write:
+                    self.mmio.write(ex.phys_addr, ex.length, int.from_bytes(ex.data, "little"))
+                else:
+                    ex.data[:] = self.mmio.read(ex.phys_addr, ex.length).to_bytes(ex.length, "little")
             elif kind is InternalErrorExit:
                 if not self._recover_internal_error(vcpu, ex):
                     return
@@ -430,6 +452,8 @@ class Machine:
         report["queue_notify_exits"] = sum(t.notify_exits for t in self.virtio)
         report["queue_notify_ioeventfd"] = sum(t.notify_events for t in self.virtio)
         report["post_code_writes"] = self.post.writes
+        report["msi_interrupts"] = sum(v.fired for t in self.virtio for v in getattr(t, "msi_vectors", []))
+        report["intx_interrupts"] = sum(getattr(t.set_irq, "asserts", 0) for t in self.virtio)
         return report
 
     def request_dump(self) -> None:

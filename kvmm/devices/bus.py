@@ -55,3 +55,51 @@ class PioBus:
         if port not in self.unhandled:
             LOG.debug("guest %s of unclaimed I/O port %#x (further accesses counted, not logged)", what, port)
         self.unhandled[port] += 1
+
+
+class MmioDevice(Protocol):
+    def mmio_read(self, offset: int, size: int) -> int: ...
+
+    def mmio_write(self, offset: int, size: int, value: int) -> None: ...
+
+
+class MmioBus:
+    """Guest-physical MMIO windows (PCI memory BARs); nothing decoded reads all-ones."""
+
+    def __init__(self) -> None:
+        self._ranges: list[tuple[int, int, MmioDevice]] = []
+        self.unhandled = 0
+
+    def register(self, base: int, length: int, device: MmioDevice) -> None:
+        for b, n, _ in self._ranges:
+            if base < b + n and b < base + length:
+                raise ValueError(f"MMIO range {base:#x}+{length:#x} overlaps {b:#x}+{n:#x}")
+        self._ranges.append((base, length, device))
+
+    def unregister(self, base: int, length: int) -> None:
+        self._ranges = [r for r in self._ranges if (r[0], r[1]) != (base, length)]
+
+    def _find(self, addr: int, size: int) -> tuple[MmioDevice, int] | None:
+        for base, length, dev in self._ranges:
+            if base <= addr and addr + size <= base + length:
+                return dev, addr - base
+        return None
+
+    def read(self, addr: int, size: int) -> int:
+        hit = self._find(addr, size)
+        if hit is None:
+            self._unhandled(addr, "read")
+            return (1 << (8 * size)) - 1
+        return hit[0].mmio_read(hit[1], size)
+
+    def write(self, addr: int, size: int, value: int) -> None:
+        hit = self._find(addr, size)
+        if hit is None:
+            self._unhandled(addr, "write")
+            return
+        hit[0].mmio_write(hit[1], size, value)
+
+    def _unhandled(self, addr: int, what: str) -> None:
+        if not self.unhandled:
+            LOG.debug("guest %s of unclaimed MMIO address %#x (further accesses counted, not logged)", what, addr)
+        self.unhandled += 1

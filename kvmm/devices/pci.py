@@ -13,7 +13,7 @@ import logging
 import struct
 from typing import Callable
 
-from .bus import PioBus
+from .bus import MmioBus, PioBus
 
 LOG = logging.getLogger(__name__)
 
@@ -39,11 +39,16 @@ PCI_COMMAND_MEMORY = 0x2
 PCI_COMMAND_MASTER = 0x4
 PCI_COMMAND_INTX_DISABLE = 0x400
 PCI_BAR_IO = 0x1
+PCI_BAR_MEM32 = 0x0
+PCI_STATUS_CAP_LIST = 0x10
 NUM_BARS = 6
 
 # I/O space handed out to BARs (above the legacy ISA ports, as kvmtool and QEMU do).
 IO_BAR_BASE = 0xC000
 IO_BAR_LIMIT = 0x10000
+# 32-bit memory BARs go in the MMIO hole below the IOAPIC (guest RAM ends at 3 GiB).
+MEM_BAR_BASE = 0xE000_0000
+MEM_BAR_LIMIT = 0xFEC0_0000
 
 
 class PciDevice:
@@ -53,7 +58,9 @@ class PciDevice:
                  subsystem_vendor: int = 0, subsystem: int = 0) -> None:
         self.config = bytearray(256)
         self.bar_sizes = [0] * NUM_BARS
+        self.bar_is_io = [True] * NUM_BARS
         self.bar_handlers: list[object | None] = [None] * NUM_BARS
+        self.extra_writable: dict[int, int] = {}  # capability bytes the guest may write
         struct.pack_into("<HH", self.config, PCI_VENDOR_ID, vendor, device)
         self.config[PCI_REVISION_ID] = revision
         self.config[PCI_CLASS_PROG : PCI_CLASS_PROG + 3] = class_code.to_bytes(3, "little")
@@ -70,7 +77,27 @@ class PciDevice:
             return 0xFF if offset == PCI_COMMAND else 0x07  # up to INTX_DISABLE (bit 10)
         if offset == PCI_INTERRUPT_LINE:
             return 0xFF
-        return 0
+        return self.extra_writable.get(offset, 0)
+
+    def add_capability(self, offset: int, data: bytes, writable: dict[int, int]) -> None:
+        """Chain a capability at ``offset`` (in front of the others)."""
+        data = bytearray(data)
+        data[1] = self.config[PCI_CAPABILITY_LIST]
+        self.config[offset : offset + len(data)] = data
+        self.config[PCI_CAPABILITY_LIST] = offset
+        self.config[PCI_STATUS] |= PCI_STATUS_CAP_LIST
+        for off, mask in writable.items():
+            self.extra_writable[offset + off] = mask
+
+    def config_written(self, offset: int, size: int) -> None:
+        """Called after a guest write to config space (for capabilities). For subclasses."""
+
+    def add_mem_bar(self, bar: int, size: int, handler: object) -> None:
+        assert size >= 16 and size & (size - 1) == 0
+        self.bar_sizes[bar] = size
+        self.bar_is_io[bar] = False
+        self.bar_handlers[bar] = handler
+        struct.pack_into("<I", self.config, PCI_BAR0 + 4 * bar, PCI_BAR_MEM32)
 
     def add_io_bar(self, bar: int, size: int, handler: object) -> None:
         assert size >= 4 and size & (size - 1) == 0
@@ -79,7 +106,8 @@ class PciDevice:
         struct.pack_into("<I", self.config, PCI_BAR0 + 4 * bar, PCI_BAR_IO)
 
     def bar_address(self, bar: int) -> int:
-        return struct.unpack_from("<I", self.config, PCI_BAR0 + 4 * bar)[0] & ~0x3
+        mask = ~0x3 if self.bar_is_io[bar] else ~0xF
+        return struct.unpack_from("<I", self.config, PCI_BAR0 + 4 * bar)[0] & mask
 
     def set_interrupt(self, line: int, pin: int = 1) -> None:
         self.config[PCI_INTERRUPT_LINE] = line
@@ -102,6 +130,7 @@ class PciDevice:
             if mask:
                 byte = (value >> (8 * i)) & 0xFF
                 self.config[off] = (self.config[off] & ~mask) | (byte & mask)
+        self.config_written(offset, size)
 
     def _bar_write(self, offset: int, size: int, value: int) -> None:
         bar = (offset - PCI_BAR0) // 4
@@ -111,12 +140,15 @@ class PciDevice:
         reg = bytearray(self.config[PCI_BAR0 + 4 * bar : PCI_BAR0 + 4 * bar + 4])
         shift = offset - (PCI_BAR0 + 4 * bar)
         reg[shift : shift + size] = value.to_bytes(size, "little")[: 4 - shift]
-        new = (int.from_bytes(reg, "little") & ~(bar_size - 1) & 0xFFFF) | PCI_BAR_IO
+        if self.bar_is_io[bar]:
+            new = (int.from_bytes(reg, "little") & ~(bar_size - 1) & 0xFFFF) | PCI_BAR_IO
+        else:
+            new = (int.from_bytes(reg, "little") & ~(bar_size - 1) & 0xFFFF_FFF0) | PCI_BAR_MEM32
         old = self.bar_address(bar)
         struct.pack_into("<I", self.config, PCI_BAR0 + 4 * bar, new)
-        # Sizing writes all-ones and reads ~(size-1): the 16-bit mask above yields that.
-        if (new & ~0x3) != old and self.on_bar_moved is not None:
-            self.on_bar_moved(bar, old, new & ~0x3)
+        # Sizing writes all-ones and reads ~(size-1): the masks above yield that.
+        if self.bar_address(bar) != old and self.on_bar_moved is not None:
+            self.on_bar_moved(bar, old, self.bar_address(bar))
 
 
 class HostBridge(PciDevice):
@@ -129,11 +161,13 @@ class HostBridge(PciDevice):
 class PciBus:
     """Bus 0: config mechanism #1 plus the I/O-port windows of the devices' BARs."""
 
-    def __init__(self, pio: PioBus) -> None:
+    def __init__(self, pio: PioBus, mmio: MmioBus | None = None) -> None:
         self.pio = pio
+        self.mmio = mmio or MmioBus()
         self.address = 0
         self.devices: dict[int, PciDevice] = {}
         self.next_io = IO_BAR_BASE
+        self.next_mem = MEM_BAR_BASE
         self.add(HostBridge())
         pio.register(CONFIG_ADDRESS, 4, _ConfigAddress(self))
         pio.register(CONFIG_DATA, 4, _ConfigData(self))
@@ -145,27 +179,38 @@ class PciBus:
         self.devices[slot] = dev
         dev.slot = slot
         for bar, size in enumerate(dev.bar_sizes):
-            if size:
+            if not size:
+                continue
+            if dev.bar_is_io[bar]:
                 base = (self.next_io + size - 1) & ~(size - 1)
                 if base + size > IO_BAR_LIMIT:
                     raise ValueError("PCI I/O space exhausted")
                 self.next_io = base + size
                 struct.pack_into("<I", dev.config, PCI_BAR0 + 4 * bar, base | PCI_BAR_IO)
                 self.pio.register(base, size, dev.bar_handlers[bar])  # type: ignore[arg-type]
+            else:
+                base = (self.next_mem + size - 1) & ~(size - 1)
+                if base + size > MEM_BAR_LIMIT:
+                    raise ValueError("PCI memory space exhausted")
+                self.next_mem = base + size
+                struct.pack_into("<I", dev.config, PCI_BAR0 + 4 * bar, base | PCI_BAR_MEM32)
+                self.mmio.register(base, size, dev.bar_handlers[bar])  # type: ignore[arg-type]
         # Firmware would have enabled decoding; Linux keeps BARs that are enabled.
-        struct.pack_into("<H", dev.config, PCI_COMMAND, dev.command | PCI_COMMAND_IO)
+        struct.pack_into("<H", dev.config, PCI_COMMAND, dev.command | PCI_COMMAND_IO | PCI_COMMAND_MEMORY)
         dev.on_bar_moved = lambda bar, old, new, dev=dev: self._move_bar(dev, bar, old, new)
         return slot
 
     def _move_bar(self, dev: PciDevice, bar: int, old: int, new: int) -> None:
         size = dev.bar_sizes[bar]
         handler = dev.bar_handlers[bar]
-        self.pio.unregister(old, size)
-        if new == 0 or new == (~(size - 1) & 0xFFFC):
+        space = self.pio if dev.bar_is_io[bar] else self.mmio
+        space.unregister(old, size)
+        sizing = (~(size - 1) & 0xFFFC) if dev.bar_is_io[bar] else (~(size - 1) & 0xFFFF_FFF0)
+        if new == 0 or new == sizing:
             dev.bar_relocated(bar, 0)
             return  # disabled or being sized: decode nothing until a real address arrives
         try:
-            self.pio.register(new, size, handler)  # type: ignore[arg-type]
+            space.register(new, size, handler)  # type: ignore[arg-type]
         except ValueError:
             LOG.warning("guest moved %02x.0 BAR%d onto ports in use at %#x; BAR left undecoded", dev.slot, bar, new)
             dev.bar_relocated(bar, 0)

@@ -23,6 +23,7 @@ import logging
 import threading
 from typing import Callable, Protocol
 
+from ..devices import msix as M
 from ..devices.pci import PciDevice
 from ..memory import GuestMemory
 from . import device as vd
@@ -47,7 +48,12 @@ QUEUE_SEL = 14
 QUEUE_NOTIFY = 16
 STATUS = 18
 ISR = 19
-CONFIG = 20
+CONFIG = 20  # device config without MSI-X
+MSI_CONFIG_VECTOR = 20  # with MSI-X enabled
+MSI_QUEUE_VECTOR = 22
+CONFIG_MSIX = 24  # device config with MSI-X enabled
+VIRTIO_MSI_NO_VECTOR = 0xFFFF
+MSIX_BAR = 1
 
 ISR_QUEUE = 0x1
 ISR_CONFIG = 0x2
@@ -69,7 +75,7 @@ class NotifyHost(Protocol):
 class VirtioPciLegacy(PciDevice):
     """One virtio device behind the legacy PCI register block."""
 
-    def __init__(self, device: vd.VirtioDevice, mem: GuestMemory, set_irq: Callable[[int], None]) -> None:
+    def __init__(self, device: vd.VirtioDevice, mem: GuestMemory, set_irq: Callable[[int], None], msix: bool = False) -> None:
         super().__init__(
             vendor=VIRTIO_PCI_VENDOR,
             device=VIRTIO_PCI_LEGACY_DEVICE_BASE + device.device_id - 1,
@@ -88,8 +94,17 @@ class VirtioPciLegacy(PciDevice):
         self.notify_exits = 0  # QUEUE_NOTIFY writes that reached kvmm as VM exits
         self.notify_events = 0  # ... and as ioeventfd wake-ups (no exit)
         self.host_features = (device.features() | TRANSPORT_FEATURES) & 0xFFFF_FFFF
-        window = CONFIG + len(device.config())
+        window = CONFIG_MSIX + len(device.config())
         self.add_io_bar(0, max(64, 1 << (window - 1).bit_length()), self)
+        # MSI-X: one vector per queue plus one for config changes (as QEMU offers).
+        self.msix: M.MsixTable | None = None
+        self.msi_fire: Callable[[int], None] = lambda vec: None
+        self.msi_route: Callable[[int, int, int], None] = lambda vec, address, data: None
+        if msix:
+            self.msix = M.MsixTable(len(self.queues) + 1, MSIX_BAR, lambda vec: self.msi_fire(vec),
+                                    lambda vec, a, d: self.msi_route(vec, a, d))
+            self.add_mem_bar(MSIX_BAR, M.BAR_SIZE, self.msix)
+            self.add_capability(M.MSIX_CAP_OFFSET, self.msix.capability(), {3: 0xC0})
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -100,16 +115,40 @@ class VirtioPciLegacy(PciDevice):
         self.isr = 0
         self.irq_level = 0
         self.activated = False
+        self.config_vector = VIRTIO_MSI_NO_VECTOR
+        self.queue_vectors = [VIRTIO_MSI_NO_VECTOR] * len(self.queues)
         for q in self.queues:
             q.reset()
 
     # --- interrupts (Interrupt protocol) ----------------------------------------------
+    @property
+    def msix_enabled(self) -> bool:
+        return self.msix is not None and self.msix.enabled
+
+    def config_written(self, offset: int, size: int) -> None:
+        cap_control = M.MSIX_CAP_OFFSET + 2
+        if self.msix is not None and offset <= cap_control + 1 and cap_control < offset + size:
+            with self.lock:
+                self.msix.set_control(int.from_bytes(self.config[cap_control : cap_control + 2], "little"))
+                if self.msix.enabled:
+                    self.isr = 0
+                    self._lower()  # MSI-X replaces INTx
+
     def signal_used(self, index: int) -> None:
         with self.lock:
+            if self.msix_enabled:
+                vec = self.queue_vectors[index] if index < len(self.queue_vectors) else VIRTIO_MSI_NO_VECTOR
+                if vec != VIRTIO_MSI_NO_VECTOR:
+                    self.msix.signal(vec)  # type: ignore[union-attr]
+                return
             self._raise(ISR_QUEUE)
 
     def signal_config(self) -> None:
         with self.lock:
+            if self.msix_enabled:
+                if self.config_vector != VIRTIO_MSI_NO_VECTOR:
+                    self.msix.signal(self.config_vector)  # type: ignore[union-attr]
+                return
             self._raise(ISR_CONFIG)
 
     def needs_reset(self, reason: str) -> None:
@@ -117,7 +156,7 @@ class VirtioPciLegacy(PciDevice):
             LOG.warning("virtio %s at %02x.0: %s; the device stops until the driver resets it",
                         type(self.device).__name__, self.slot, reason)
             self.status |= vd.STATUS_DEVICE_NEEDS_RESET
-            self._raise(ISR_CONFIG)
+        self.signal_config()
 
     def _raise(self, bits: int) -> None:
         self.isr |= bits
@@ -134,11 +173,24 @@ class VirtioPciLegacy(PciDevice):
     def _selected(self) -> Queue | None:
         return self.queues[self.queue_sel] if self.queue_sel < len(self.queues) else None
 
+    def _config_offset(self) -> int:
+        return CONFIG_MSIX if self.msix_enabled else CONFIG
+
+    def _valid_vector(self, vec: int) -> int:
+        """The vector as the device will use it: NO_VECTOR if the table lacks it (0.9.5)."""
+        return vec if self.msix is not None and vec < self.msix.nvec else VIRTIO_MSI_NO_VECTOR
+
     def pio_read(self, offset: int, size: int) -> int:
         with self.lock:
-            if offset >= CONFIG:
-                data = self.device.config()[offset - CONFIG : offset - CONFIG + size]
+            cfg = self._config_offset()
+            if offset >= cfg:
+                data = self.device.config()[offset - cfg : offset - cfg + size]
                 return int.from_bytes(data.ljust(size, b"\0"), "little")  # zero past the end
+            if cfg == CONFIG_MSIX and offset >= MSI_CONFIG_VECTOR:
+                q_vec = self.queue_vectors[self.queue_sel] if self.queue_sel < len(self.queues) else VIRTIO_MSI_NO_VECTOR
+                vecs = self.config_vector.to_bytes(2, "little") + q_vec.to_bytes(2, "little")
+                o = offset - MSI_CONFIG_VECTOR
+                return int.from_bytes(vecs[o : o + size].ljust(size, b"\0"), "little")
             q = self._selected()
             header = (
                 self.host_features.to_bytes(4, "little")
@@ -158,10 +210,17 @@ class VirtioPciLegacy(PciDevice):
 
     def pio_write(self, offset: int, size: int, value: int) -> None:
         with self.lock:
-            if offset >= CONFIG:
-                cfg_len = len(self.device.config())
-                if offset - CONFIG + size <= cfg_len:
-                    self.device.config_write(offset - CONFIG, value.to_bytes(size, "little"))
+            cfg = self._config_offset()
+            if offset >= cfg:
+                if offset - cfg + size <= len(self.device.config()):
+                    self.device.config_write(offset - cfg, value.to_bytes(size, "little"))
+                return
+            if cfg == CONFIG_MSIX and (offset, size) == (MSI_CONFIG_VECTOR, 2):
+                self.config_vector = self._valid_vector(value)
+                return
+            if cfg == CONFIG_MSIX and (offset, size) == (MSI_QUEUE_VECTOR, 2):
+                if self.queue_sel < len(self.queues):
+                    self.queue_vectors[self.queue_sel] = self._valid_vector(value)
                 return
             if (offset, size) == (GUEST_FEATURES, 4):
                 if not self.status & vd.STATUS_DRIVER_OK:

@@ -1,7 +1,9 @@
 /* Drives the virtio-blk device at PCI 00:01.0 through its legacy registers: one GET_ID
- * request, a queue notify, then HLT until the interrupt (IOAPIC pin 16, level) arrives.
- * The handler reads ISR (acknowledging it) and EOIs. Prints the serial and the ISR seen;
- * ends with debug-exit 0x10 on success, 1 on failure. */
+ * request, a queue notify, then HLT until the interrupt arrives. Built twice:
+ *  - INTx (default): IOAPIC pin 16, level; the handler reads ISR (acknowledging it), EOIs.
+ *  - USE_MSIX: MSI-X enabled in the capability, table entry 1 -> this CPU's vector,
+ *    queue 0 bound to vector 1 through the legacy MSI registers (device config at 24).
+ * Prints the serial and how the interrupt came; debug-exit 0x10 on success, 1 on failure. */
 #include "guest.h"
 
 static inline void outw(u16 port, u16 v) { __asm__ volatile("outw %0, %1" : : "a"(v), "Nd"(port)); }
@@ -32,7 +34,9 @@ struct interrupt_frame;
 __attribute__((interrupt)) static void on_irq(struct interrupt_frame *frame)
 {
     (void)frame;
+#ifndef USE_MSIX
     isr_seen = inb(iobase + 19); /* read-to-clear: the device lowers its line */
+#endif
     interrupts++;
     mmio_w32(LAPIC + 0xb0, 0); /* EOI: KVM resamples the level-triggered line */
 }
@@ -53,10 +57,21 @@ ENTRY
     struct __attribute__((packed)) { u16 limit; u64 base; } idtr = { sizeof(idt) - 1, (u64)idt };
     __asm__ volatile("lidt %0" : : "m"(idtr));
     mmio_w32(LAPIC + 0xf0, 0x1ff); /* software-enable the LAPIC, spurious vector 0xff */
+#ifdef USE_MSIX
+    u64 table = pci_read(1, 0x14) & ~0xfUL;
+    if ((pci_read(1, 0x40) & 0xff) != 0x11) { puts_serial("no MSI-X capability\n"); debug_exit(1); }
+    outl(0xcf8, 0x80000000u | (1 << 11) | 0x40);
+    outl(0xcfc, pci_read(1, 0x40) | 0x80000000u); /* MSI-X enable */
+    mmio_w32(table + 16 + 0, LAPIC);   /* entry 1: message address (APIC 0) */
+    mmio_w32(table + 16 + 4, 0);
+    mmio_w32(table + 16 + 8, VEC);     /* message data: fixed delivery, vector VEC */
+    mmio_w32(table + 16 + 12, 0);      /* unmask */
+#else
     mmio_w32(IOAPIC, 0x10 + 2 * 16 + 1);
     mmio_w32(IOAPIC + 0x10, 0); /* destination APIC 0 */
     mmio_w32(IOAPIC, 0x10 + 2 * 16);
     mmio_w32(IOAPIC + 0x10, VEC | (1u << 15)); /* fixed, physical, active high, level, unmasked */
+#endif
 
     outb(iobase + 18, 0);
     outb(iobase + 18, 1 | 2);
@@ -69,6 +84,11 @@ ENTRY
     u64 used_off = ((16 * qsize + 2 * (3 + qsize)) + 4095) & ~4095UL;
     volatile u16 *used = (u16 *)(ring + used_off);
     outl(iobase + 8, (u32)((u64)ring >> 12));
+#ifdef USE_MSIX
+    outw(iobase + 22, 1); /* queue 0 -> vector 1 */
+    outw(iobase + 20, 0); /* config changes -> vector 0 */
+    if (inw(iobase + 22) != 1) { puts_serial("queue vector refused\n"); debug_exit(1); }
+#endif
     outb(iobase + 18, 1 | 2 | 4);
 
     hdr.type = 8; /* VIRTIO_BLK_T_GET_ID */
@@ -86,8 +106,12 @@ ENTRY
     if (used[1] != 1 || status != 0) { puts_serial("request not completed\n"); debug_exit(1); }
     puts_serial("serial ");
     puts_serial(serial);
+#ifdef USE_MSIX
+    puts_serial(" msix");
+#else
     puts_serial(" isr ");
     putc_serial((char)('0' + isr_seen));
+#endif
     putc_serial('\n');
     debug_exit(0x10);
 }
