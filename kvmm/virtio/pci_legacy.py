@@ -129,7 +129,11 @@ class VirtioPciLegacy(PciDevice):
         cap_control = M.MSIX_CAP_OFFSET + 2
         if self.msix is not None and offset <= cap_control + 1 and cap_control < offset + size:
             with self.lock:
+                was = self.msix.enabled
                 self.msix.set_control(int.from_bytes(self.config[cap_control : cap_control + 2], "little"))
+                if self.msix.enabled != was:
+                    LOG.info("virtio %s at %02x.0: guest %s MSI-X (%d vectors)", type(self.device).__name__, self.slot,
+                             "enabled" if self.msix.enabled else "disabled", self.msix.nvec)
                 if self.msix.enabled:
                     self.isr = 0
                     self._lower()  # MSI-X replaces INTx

@@ -115,23 +115,27 @@ def spin_rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def boot_until_init(kernel_dir: Path, tmp_path: Path, disks: list, cmdline: str) -> tuple[str, object]:  # type: ignore[type-arg]
+def boot_until_init(kernel_dir: Path, tmp_path: Path, disks: list, cmdline: str, cpus: int = 1) -> tuple[str, object, dict]:  # type: ignore[type-arg]
     from kvmm.vm import DiskConfig
 
     console = tmp_path / "console.log"
     cfg = VmConfig(kernel=str(kernel_dir / "vmlinux"), mem_size=256 << 20, cmdline=cmdline, console_path=str(console),
-                   stdin=False, stop_at_init=True, disks=[DiskConfig(*d) for d in disks])
+                   stdin=False, stop_at_init=True, cpus=cpus, disks=[DiskConfig(*d) for d in disks])
     with Machine(cfg) as m:
         result = m.run(timeout=BOOT_TIMEOUT)
-    return console.read_text(errors="replace"), result
+        report = m.exit_report()
+    print(f"\nexits: {report}")
+    return console.read_text(errors="replace"), result, report
 
 
-def test_root_on_virtio_blk(kernel_dir: Path, spin_rootfs: Path, tmp_path: Path) -> None:
+def test_root_on_virtio_blk_with_two_cpus_and_msix(kernel_dir: Path, spin_rootfs: Path, tmp_path: Path) -> None:
     extra = tmp_path / "extra.img"
     extra.write_bytes(b"\0" * (3 << 20))
-    log, result = boot_until_init(kernel_dir, tmp_path, [(str(spin_rootfs), False), (str(extra), True)], "root=/dev/vda rw")
+    log, result, report = boot_until_init(kernel_dir, tmp_path, [(str(spin_rootfs), False), (str(extra), True)],
+                                          "root=/dev/vda rw", cpus=2)
     assert_in_order(log, [
-        r"virtio-pci 0000:00:01\.0: PCI->APIC IRQ transform: INT A -> IRQ 16",
+        r"Processor #1",
+        r"smp: Brought up 1 node, 2 CPUs",
         r"virtio_blk virtio0: \[vda\] 131072 512-byte logical blocks \(67\.1 MB/64\.0 MiB\)",
         r"virtio_blk virtio1: \[vdb\] 6144 512-byte logical blocks",
         r"EXT4-fs \(vda\): mounted filesystem",
@@ -139,15 +143,22 @@ def test_root_on_virtio_blk(kernel_dir: Path, spin_rootfs: Path, tmp_path: Path)
         r"Run /sbin/init as init process",
     ])
     assert result.outcome is Outcome.INIT_REACHED, result  # type: ignore[attr-defined]
+    # The guest chose MSI-X; every notify came by ioeventfd, every interrupt by irqfd.
+    assert report["msi_interrupts"] > 0 and report["intx_interrupts"] == 0
+    assert report["queue_notify_exits"] == 0 and report["queue_notify_ioeventfd"] > 0
 
 
-def test_read_only_disk_mounts_read_only(kernel_dir: Path, spin_rootfs: Path, tmp_path: Path) -> None:
+def test_read_only_disk_with_intx(kernel_dir: Path, spin_rootfs: Path, tmp_path: Path) -> None:
     # The kernel is asked for a read-write root; VIRTIO_BLK_F_RO makes it fall back to r/o.
+    # pci=nomsi makes the guest use INTx (IOAPIC pin 16 through the MP table).
     before = spin_rootfs.read_bytes()
-    log, result = boot_until_init(kernel_dir, tmp_path, [(str(spin_rootfs), True)], "root=/dev/vda rw")
+    log, result, report = boot_until_init(kernel_dir, tmp_path, [(str(spin_rootfs), True)], "root=/dev/vda rw pci=nomsi")
     assert_in_order(log, [
+        r"virtio-pci 0000:00:01\.0: PCI->APIC IRQ transform: INT A -> IRQ 16",
         r"virtio_blk virtio0: \[vda\] 131072 512-byte logical blocks",
         r"VFS: Mounted root \(ext4 filesystem\) readonly on device 254:0",
         r"Run /sbin/init as init process",
     ])
     assert spin_rootfs.read_bytes() == before
+    assert report["intx_interrupts"] > 0 and report["msi_interrupts"] == 0
+    assert report["queue_notify_exits"] == 0
