@@ -85,6 +85,8 @@ class GuestMemory:
         self._view = memoryview(mapping)
         self.regions = tuple(ordered)
         self.size = sum(r.size for r in ordered)
+        # (start, end, mapping offset) per region: the hot path of every access.
+        self._spans = tuple((r.gpa, r.end, r.offset - r.gpa) for r in ordered)
 
     @classmethod
     def allocate(cls, size: int, hugepages: bool = False, check_available: bool = True) -> GuestMemory:
@@ -133,9 +135,10 @@ class GuestMemory:
     def _offset(self, gpa: int, n: int) -> int:
         """Mapping offset of ``[gpa, gpa+n)``, which must lie inside one region."""
         if gpa >= 0 and n >= 0:
-            for r in self.regions:
-                if r.gpa <= gpa and gpa + n <= r.end:
-                    return r.offset + (gpa - r.gpa)
+            end = gpa + n
+            for start, stop, delta in self._spans:
+                if start <= gpa and end <= stop:
+                    return gpa + delta
         raise GuestMemoryError(gpa, n)
 
     def contains(self, gpa: int, n: int) -> bool:
