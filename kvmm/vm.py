@@ -256,7 +256,7 @@ class Machine:
         self.pio = pio = PioBus()
         self.serial = Serial8250(self.console.write, lambda level: vm.irq_line(COM1_IRQ, level))
         pio.register(COM1_BASE, 8, self.serial)
-        self.i8042 = I8042(lambda: self.stop(VmResult(Outcome.RESET, "guest reset through the i8042")))
+        self.i8042 = I8042(lambda: self.stop(self._guest_reset("guest reset through the i8042")))
         pio.register(0x60, 5, self.i8042)
         pio.register(0x70, 2, Cmos())
         self.post = PostCode()

@@ -33,7 +33,7 @@ static inline void put_hex(u64 v)
         putc_serial("0123456789abcdef"[(v >> i) & 0xf]);
 }
 
-static __attribute__((noreturn)) void debug_exit(u8 status)
+static inline __attribute__((noreturn)) void debug_exit(u8 status)
 {
     outb(DEBUG_EXIT, status);
     for (;;)

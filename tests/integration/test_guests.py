@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -82,3 +85,33 @@ def test_two_vcpus_start_with_the_bsp_running(guests) -> None:  # type: ignore[n
     # The AP waits for INIT/SIPI in the in-kernel LAPIC; the BSP alone runs the guest.
     res = run_kvmm("-q", "--kernel", str(guests("serial_hello")), "--mem", "64M", "--cpus", "2")
     assert res.returncode == EXIT_DEBUG_BASE + 42 and res.stdout == b"hello from the guest\n"
+
+
+@pytest.mark.parametrize("sig,status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_stops_all_threads_and_flushes_disks(guests, tmp_path: Path, sig: int, status: int) -> None:  # type: ignore[no-untyped-def]
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(1 << 20))
+    proc = subprocess.Popen([sys.executable, "-m", "kvmm", "--kernel", str(guests("hang")), "--mem", "64M",
+                             "--disk", str(disk)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"hanging\n"  # the vCPU is now in KVM_RUN for good
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == status, err.decode()
+    assert f"stopped by {signal.Signals(sig).name}".encode() in err
+    # The image lock was released with the process: a new user may open it read-write.
+    from kvmm.virtio.blk import RawDisk
+
+    RawDisk(str(disk)).close()
+
+
+def test_timeout_ends_a_hung_guest(guests) -> None:  # type: ignore[no-untyped-def]
+    res = run_kvmm("--kernel", str(guests("hang")), "--mem", "64M", "--timeout", "1")
+    assert res.returncode == 5 and b"time limit" in res.stderr
+
+
+def test_regression_panic_then_i8042_reset_reports_panic(guests) -> None:  # type: ignore[no-untyped-def]
+    # Bug: the i8042 reset path ended the VM as a plain reset (status 0) after a panic.
+    res = run_kvmm("--kernel", str(guests("panic_reset")), "--mem", "64M")
+    assert res.returncode == 3
+    assert b"kvmm: error: guest kernel panic: Kernel panic - not syncing: VFS: Unable to mount root fs" in res.stderr
