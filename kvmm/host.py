@@ -20,12 +20,22 @@ LOG = logging.getLogger(__name__)
 PVM_MODULE = "/sys/module/kvm_pvm"
 
 
+# KVM paravirt features (CPUID 0x40000001 EAX, Documentation/virt/kvm/x86/cpuid.rst)
+# whose use is a hypercall.
+KVM_FEATURE_PV_UNHALT = 1 << 7
+KVM_FEATURE_PV_SEND_IPI = 1 << 11
+KVM_FEATURE_PV_SCHED_YIELD = 1 << 13
+KVM_FEATURE_HC_MAP_GPA_RANGE = 1 << 16
+HYPERCALL_FEATURES = KVM_FEATURE_PV_UNHALT | KVM_FEATURE_PV_SEND_IPI | KVM_FEATURE_PV_SCHED_YIELD | KVM_FEATURE_HC_MAP_GPA_RANGE
+
+
 @dataclass(frozen=True)
 class HostKind:
     name: str  # "hardware" or "kvm_pvm"
     extra_cmdline: tuple[str, ...]
     inject_int3: bool
     userspace_works: bool
+    hidden_kvm_features: int = 0  # CPUID 0x40000001 EAX bits not offered to the guest
 
     @property
     def software_nested(self) -> bool:
@@ -40,6 +50,9 @@ PVM = HostKind(
     ("noxsave", "clearcpuid=smap,popcnt", "lpj=1000000", "tsc=reliable"),
     inject_int3=True,
     userspace_works=False,
+    # A guest vmcall there takes about a minute (ptp_kvm) or never returns (an AP's PV
+    # IPI during SMP bring-up): offer no hypercall-based PV feature.
+    hidden_kvm_features=HYPERCALL_FEATURES,
 )
 
 

@@ -288,7 +288,7 @@ class Machine:
         msrs = x86.boot_msrs()
         for i in range(cfg.cpus):
             vcpu = vm.create_vcpu(i)
-            x86.setup_cpuid(kvm, vcpu, cfg.cpus, supported)
+            x86.setup_cpuid(kvm, vcpu, cfg.cpus, supported, self.host.hidden_kvm_features)
             self._set_msrs(vcpu, msrs)
             x86.setup_fpu(vcpu)
             x86.setup_lapic(vcpu)

@@ -186,8 +186,12 @@ def setup_lapic(vcpu: Vcpu) -> None:
 CPUID_HYPERVISOR = 1 << 31
 
 
-def setup_cpuid(kvm: Kvm, vcpu: Vcpu, ncpus: int, supported: Any = None) -> None:
-    """Host-supported CPUID with this vCPU's APIC id and topology filled in."""
+KVM_CPUID_FEATURES = 0x40000001
+
+
+def setup_cpuid(kvm: Kvm, vcpu: Vcpu, ncpus: int, supported: Any = None, hidden_kvm_features: int = 0) -> None:
+    """Host-supported CPUID with this vCPU's APIC id and topology filled in, less the KVM
+    paravirt features in ``hidden_kvm_features``."""
     cpuid = supported if supported is not None else kvm.supported_cpuid()
     mine = ffi.new("struct kvm_cpuid2 *", {"nent": cpuid.nent, "entries": cpuid.nent})
     for i in range(cpuid.nent):
@@ -201,6 +205,8 @@ def setup_cpuid(kvm: Kvm, vcpu: Vcpu, ncpus: int, supported: Any = None) -> None
                 e.edx |= 1 << 28  # HTT: the EBX[23:16] count is valid
         elif e.function in (0xB, 0x1F):
             e.edx = vcpu.id  # x2APIC id
+        elif e.function == KVM_CPUID_FEATURES:
+            e.eax &= ~hidden_kvm_features
     vcpu.set_cpuid2(mine)
 
 
