@@ -158,6 +158,20 @@ class HostBridge(PciDevice):
         super().__init__(vendor=0x8086, device=0x1237, class_code=0x060000)
 
 
+class _Window:
+    """Naturally aligned BAR placement in an address window, as firmware would do it."""
+
+    def __init__(self, name: str, base: int, limit: int) -> None:
+        self.name, self.next, self.limit = name, base, limit
+
+    def allocate(self, size: int) -> int:
+        base = (self.next + size - 1) & ~(size - 1)
+        if base + size > self.limit:
+            raise ValueError(f"PCI {self.name} space exhausted")
+        self.next = base + size
+        return base
+
+
 class PciBus:
     """Bus 0: config mechanism #1 plus the I/O-port windows of the devices' BARs."""
 
@@ -166,8 +180,8 @@ class PciBus:
         self.mmio = mmio or MmioBus()
         self.address = 0
         self.devices: dict[int, PciDevice] = {}
-        self.next_io = IO_BAR_BASE
-        self.next_mem = MEM_BAR_BASE
+        self.io_window = _Window("I/O", IO_BAR_BASE, IO_BAR_LIMIT)
+        self.mem_window = _Window("memory", MEM_BAR_BASE, MEM_BAR_LIMIT)
         self.add(HostBridge())
         pio.register(CONFIG_ADDRESS, 4, _ConfigAddress(self))
         pio.register(CONFIG_DATA, 4, _ConfigData(self))
@@ -181,20 +195,10 @@ class PciBus:
         for bar, size in enumerate(dev.bar_sizes):
             if not size:
                 continue
-            if dev.bar_is_io[bar]:
-                base = (self.next_io + size - 1) & ~(size - 1)
-                if base + size > IO_BAR_LIMIT:
-                    raise ValueError("PCI I/O space exhausted")
-                self.next_io = base + size
-                struct.pack_into("<I", dev.config, PCI_BAR0 + 4 * bar, base | PCI_BAR_IO)
-                self.pio.register(base, size, dev.bar_handlers[bar])  # type: ignore[arg-type]
-            else:
-                base = (self.next_mem + size - 1) & ~(size - 1)
-                if base + size > MEM_BAR_LIMIT:
-                    raise ValueError("PCI memory space exhausted")
-                self.next_mem = base + size
-                struct.pack_into("<I", dev.config, PCI_BAR0 + 4 * bar, base | PCI_BAR_MEM32)
-                self.mmio.register(base, size, dev.bar_handlers[bar])  # type: ignore[arg-type]
+            io = dev.bar_is_io[bar]
+            base = (self.io_window if io else self.mem_window).allocate(size)
+            struct.pack_into("<I", dev.config, PCI_BAR0 + 4 * bar, base | (PCI_BAR_IO if io else PCI_BAR_MEM32))
+            (self.pio if io else self.mmio).register(base, size, dev.bar_handlers[bar])  # type: ignore[arg-type]
         # Firmware would have enabled decoding; Linux keeps BARs that are enabled.
         struct.pack_into("<H", dev.config, PCI_COMMAND, dev.command | PCI_COMMAND_IO | PCI_COMMAND_MEMORY)
         dev.on_bar_moved = lambda bar, old, new, dev=dev: self._move_bar(dev, bar, old, new)
