@@ -369,8 +369,9 @@ class Machine:
         self.stop(VmResult(Outcome.DEBUG_EXIT, f"guest wrote {value:#x} to the debug-exit port", debug_value=value))
 
     def _watch_console(self, line: bytes) -> None:
-        if PANIC_MARKER in line:
-            self._panicked = line.decode(errors="replace").strip()
+        at = line.find(PANIC_MARKER)
+        if at >= 0:  # keep the message, not the printk timestamp before it
+            self._panicked = line[at:].decode(errors="replace").strip()
         m = INIT_RE.search(line)
         if m and self.stats.init_seconds is None:
             self.stats.init_seconds = time.monotonic() - self.stats.started
