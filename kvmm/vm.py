@@ -224,12 +224,13 @@ class Machine:
         self.cmdline = build_cmdline(cfg.cmdline, cfg.default_cmdline, self.host.extra_cmdline)
         self.stop_at_init = (not self.host.userspace_works) if cfg.stop_at_init is None else cfg.stop_at_init
 
+        # User input first (memory size, hugepages), then KVM.
+        self.mem = mem = GuestMemory.allocate(cfg.mem_size, cfg.hugepages)
         self._kvm = kvm = Kvm()
         for cap, name in ((K.KVM_CAP_IRQCHIP, "in-kernel irqchip"), (K.KVM_CAP_PIT2, "in-kernel PIT"),
                           (K.KVM_CAP_USER_MEMORY, "user memory"), (K.KVM_CAP_IMMEDIATE_EXIT, "immediate_exit")):
             if not kvm.check_extension(cap):
                 raise KvmUnavailableError(f"this host's KVM lacks the {name} capability kvmm needs")
-        self.mem = mem = GuestMemory.allocate(cfg.mem_size, cfg.hugepages)
         self.vm = vm = kvm.create_vm()
         vm.set_tss_addr(TSS_ADDR)
         if kvm.check_extension(K.KVM_CAP_SET_IDENTITY_MAP_ADDR):
