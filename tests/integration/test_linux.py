@@ -106,10 +106,11 @@ def test_bzimage_is_entered_at_its_64bit_entry_point(kernel_dir: Path) -> None:
     assert regs.rip != m.boot.entry
 
 
-@pytest.fixture(scope="module")
-def spin_rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An ext4 root whose /sbin/init spins without system calls (keeps the kernel alive)."""
-    out = tmp_path_factory.mktemp("rootfs") / "root.img"
+@pytest.fixture
+def spin_rootfs(tmp_path: Path) -> Path:
+    """A fresh ext4 root whose /sbin/init spins without system calls (keeps the kernel
+    alive). Fresh per test: a VM ended at init leaves its journal dirty."""
+    out = tmp_path / "root.img"
     subprocess.run([sys.executable, str(ROOT / "scripts" / "mkrootfs.py"), "--init", "spin", "-o", str(out)],
                    check=True, capture_output=True)
     return out
