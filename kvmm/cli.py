@@ -34,12 +34,19 @@ exit status:
 """
 
 
-def _console(value: str) -> str | None:
-    if value == "stdio":
-        return None
-    if value.startswith("file:") and len(value) > 5:
-        return value[5:]
-    raise argparse.ArgumentTypeError("expected 'stdio' or 'file:PATH'")
+def _console(value: str) -> tuple[str, str | None]:
+    """``[serial|virtio][,stdio|file:PATH]`` -> (device, output path or None for stdout)."""
+    device, path = "serial", None
+    for part in value.split(","):
+        if part in ("serial", "virtio"):
+            device = part
+        elif part == "stdio":
+            path = None
+        elif part.startswith("file:") and len(part) > 5:
+            path = part[5:]
+        else:
+            raise argparse.ArgumentTypeError("expected serial or virtio, and stdio or file:PATH (e.g. virtio,file:out.log)")
+    return device, path
 
 
 def _stop_at_init(value: str) -> bool | None:
@@ -64,8 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mem", default="512M", metavar="SIZE", help="guest RAM, e.g. 256M or 2G (default: 512M)")
     p.add_argument("--cpus", type=int, default=1, metavar="N", help="number of vCPUs (default: 1)")
     p.add_argument("--hugepages", action="store_true", help="back guest RAM with the host's reserved hugepages")
-    p.add_argument("--console", type=_console, default=None, metavar="stdio|file:PATH",
-                   help="where the serial console's output goes (default: stdio)")
+    p.add_argument("--console", type=_console, default=("serial", None), metavar="[serial|virtio][,stdio|file:PATH]",
+                   help="the primary console: the 16550A (ttyS0, default) or virtio-console (hvc0); "
+                   "its output to stdout (default) or a file")
+    p.add_argument("--no-rng", dest="rng", action="store_false", help="no virtio-rng device")
     p.add_argument("--stop-at-init", type=_stop_at_init, default=None, metavar="auto|yes|no",
                    help="end the VM when the kernel starts init (default auto: only where guest user space cannot run)")
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
@@ -92,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
             mem_size=parse_size(args.mem),
             cpus=args.cpus,
             hugepages=args.hugepages,
-            console_path=args.console,
+            console_device=args.console[0],
+            console_path=args.console[1],
+            rng=args.rng,
             stop_at_init=args.stop_at_init,
             disks=[DiskConfig.parse(spec) for spec in args.disk],
             exitless=args.exitless,

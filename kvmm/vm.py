@@ -48,6 +48,9 @@ from .loader import BootInfo, load_linux, read_image
 from .loader import bootparams as bp
 from .memory import GuestMemory
 from .virtio.blk import RawDisk, VirtioBlk
+from .virtio.console import VirtioConsole
+from .virtio.device import VirtioDevice
+from .virtio.rng import VirtioRng
 from .virtio.pci_legacy import VirtioPciLegacy
 
 LOG = logging.getLogger(__name__)
@@ -150,6 +153,8 @@ class VmConfig:
     disks: list[DiskConfig] = field(default_factory=list)
     exitless: bool = True  # queue notifies by ioeventfd and INTx by irqfd (False: VM exits, KVM_IRQ_LINE)
     msix: bool = True  # offer MSI-X on virtio devices (the guest may still choose INTx, e.g. pci=nomsi)
+    console_device: str = "serial"  # the primary console: "serial" (ttyS0) or "virtio" (hvc0)
+    rng: bool = True  # a virtio-rng device fed from the host's getrandom()
     host: HostKind | None = None
     default_cmdline: tuple[str, ...] = DEFAULT_CMDLINE
 
@@ -221,7 +226,12 @@ class Machine:
         initrd = read_image(cfg.initrd, "initrd") if cfg.initrd else None
         for d in cfg.disks:
             self.disks.append(RawDisk(d.path, d.read_only, d.serial))
-        self.cmdline = build_cmdline(cfg.cmdline, cfg.default_cmdline, self.host.extra_cmdline)
+        if cfg.console_device not in ("serial", "virtio"):
+            raise ConfigError(f"unknown console device {cfg.console_device!r}: expected serial or virtio")
+        defaults = cfg.default_cmdline
+        if cfg.console_device == "virtio":
+            defaults = tuple("console=hvc0" if w == "console=ttyS0" else w for w in defaults)
+        self.cmdline = build_cmdline(cfg.cmdline, defaults, self.host.extra_cmdline)
         self.stop_at_init = (not self.host.userspace_works) if cfg.stop_at_init is None else cfg.stop_at_init
 
         # User input first (memory size, hugepages), then KVM.
@@ -269,21 +279,20 @@ class Machine:
         self.router = GsiRouter(vm)
         self.virtio: list[VirtioPciLegacy] = []
         pci_irqs = []
+        self._pci_irqs: list[tuple[int, int, int]] = []
         for disk in self.disks:
-            transport = VirtioPciLegacy(VirtioBlk(disk, mem), mem, set_irq=lambda level: None, msix=cfg.msix)
-            if transport.msix is not None:
-                self._wire_msix(transport)
-            slot = self.pci.add(transport)
-            gsi = PCI_IRQ_BASE + (slot - 1) % PCI_IRQ_COUNT
-            transport.set_interrupt(gsi)
-            if cfg.exitless:
-                transport.set_irq = IrqfdLine(vm, gsi, self.loop, lambda t=transport: t.isr != 0)
-                transport.notify_host = self
-            else:
-                transport.set_irq = lambda level, gsi=gsi: vm.irq_line(gsi, level)
-            pci_irqs.append((slot, 0, gsi))
-            self.virtio.append(transport)
-        mem.write(bp.EBDA_START, x86.build_mptable(cfg.cpus, pci_irqs=pci_irqs))
+            self._add_virtio(VirtioBlk(disk, mem))
+        self.virtio_console: VirtioConsole | None = None
+        if cfg.console_device == "virtio":
+            self.virtio_console = VirtioConsole(mem, self.console.write)
+            self._add_virtio(self.virtio_console)
+        self.rng: VirtioRng | None = None
+        if cfg.rng:
+            self.rng = VirtioRng(mem)
+            self._add_virtio(self.rng)
+        # Host input goes to the primary console.
+        self.input_device: Serial8250 | VirtioConsole = self.virtio_console or self.serial
+        mem.write(bp.EBDA_START, x86.build_mptable(cfg.cpus, pci_irqs=self._pci_irqs))
 
         supported = kvm.supported_cpuid()
         msrs = x86.boot_msrs()
@@ -295,6 +304,26 @@ class Machine:
             x86.setup_lapic(vcpu)
             if i == 0:
                 x86.setup_long_mode(vcpu, self.boot.entry, self.boot.boot_params)
+
+    def _add_virtio(self, device: VirtioDevice) -> VirtioPciLegacy:
+        """Put ``device`` on the PCI bus behind a legacy virtio-PCI transport, with INTA on
+        an IOAPIC input and, where configured, MSI-X, an ioeventfd per queue and irqfds."""
+        cfg, vm, mem = self.config, self.vm, self.mem
+        assert mem is not None
+        transport = VirtioPciLegacy(device, mem, set_irq=lambda level: None, msix=cfg.msix)
+        if transport.msix is not None:
+            self._wire_msix(transport)
+        slot = self.pci.add(transport)
+        gsi = PCI_IRQ_BASE + (slot - 1) % PCI_IRQ_COUNT
+        transport.set_interrupt(gsi)
+        if cfg.exitless:
+            transport.set_irq = IrqfdLine(vm, gsi, self.loop, lambda t=transport: t.isr != 0)
+            transport.notify_host = self
+        else:
+            transport.set_irq = lambda level, gsi=gsi: vm.irq_line(gsi, level)
+        self._pci_irqs.append((slot, 0, gsi))
+        self.virtio.append(transport)
+        return transport
 
     def _wire_msix(self, transport: VirtioPciLegacy) -> None:
         """Give each of the device's MSI-X vectors a GSI with an irqfd."""
@@ -456,6 +485,11 @@ class Machine:
         report["post_code_writes"] = self.post.writes
         report["msi_interrupts"] = sum(v.fired for t in self.virtio for v in getattr(t, "msi_vectors", []))
         report["intx_interrupts"] = sum(getattr(t.set_irq, "asserts", 0) for t in self.virtio)
+        if self.rng is not None:
+            report["rng_requests"] = self.rng.requests
+            report["rng_bytes"] = self.rng.bytes_served
+        if self.virtio_console is not None:
+            report["virtio_console_bytes_out"] = self.virtio_console.bytes_out
         return report
 
     def request_dump(self) -> None:
@@ -541,7 +575,7 @@ class Machine:
             while not self._done.is_set():
                 loop.run_once(timeout=0.05)
                 # Back-pressure: while the UART's input backlog is full, stop reading stdin.
-                if self._stdin is not None and loop.has_reader(0) != (self.serial.rx_room() > 0):
+                if self._stdin is not None and loop.has_reader(0) != (self.input_device.rx_room() > 0):
                     if loop.has_reader(0):
                         loop.remove_reader(0)
                     else:
@@ -571,7 +605,7 @@ class Machine:
     def _read_stdin(self, term: TerminalInput) -> None:
         """Pass terminal input to the UART; at end of input, stop reading."""
         try:
-            data = os.read(0, min(512, max(self.serial.rx_room(), 1)))
+            data = os.read(0, min(512, max(self.input_device.rx_room(), 1)))
         except BlockingIOError:
             return
         except OSError:
@@ -582,7 +616,7 @@ class Machine:
             return
         data, quit_requested = term.filter(data)
         if data:
-            self.serial.receive(data)
+            self.input_device.receive(data)
         if quit_requested:
             self.stop(VmResult(Outcome.INTERRUPTED, "quit from the console (Ctrl-A x)", signal=signal.SIGINT))
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 from ..errors import DiskError
 from ..memory import GuestMemory
-from .device import VIRTIO_ID_BLOCK, Interrupt
-from .queue import Chain, ChainError, Descriptor, Queue, QueueError
+from .device import VIRTIO_ID_BLOCK, Interrupt, serve_queue
+from .queue import Chain, Descriptor, Queue
 
 LOG = logging.getLogger(__name__)
 
@@ -239,28 +239,8 @@ class VirtioBlk:
         self.interrupt = None
 
     def process_queue(self, index: int) -> None:
-        if index != 0 or not self.queues or self.interrupt is None:
-            return
-        q = self.queues[0]
-        completed = 0
-        while True:
-            try:
-                chain = q.pop()
-            except ChainError as exc:
-                self.errors += 1
-                self.log.warning("virtio-blk %s: %s; completed with no data", self.disk.path, exc)
-                q.push_used(exc.head, 0)
-                completed += 1
-                continue
-            except QueueError as exc:
-                self.interrupt.needs_reset(f"virtio-blk {self.disk.path}: {exc}")
-                break
-            if chain is None:
-                break
-            q.push_used(chain.head, self.execute(chain))
-            completed += 1
-        if completed and q.needs_interrupt():
-            self.interrupt.signal_used(0)
+        if index == 0 and self.queues and self.interrupt is not None:
+            serve_queue(self.queues[0], 0, self.interrupt, f"virtio-blk {self.disk.path}", self.execute, self.log.warning)
 
     def execute(self, chain: Chain) -> int:
         """Run one request; returns the number of bytes written to guest memory."""

@@ -8,9 +8,12 @@ driver notifies a queue. Devices signal the driver through an :class:`Interrupt`
 
 from __future__ import annotations
 
-from typing import Protocol
+import logging
+from typing import Callable, Protocol
 
-from .queue import Queue
+from .queue import Chain, ChainError, Queue, QueueError
+
+LOG = logging.getLogger(__name__)
 
 # virtio 0.9.5 2.2.2.1 device status bits
 STATUS_ACKNOWLEDGE = 1
@@ -59,3 +62,32 @@ class VirtioDevice(Protocol):
 
     def reset(self) -> None:
         """The driver wrote 0 to the status register."""
+
+
+def serve_queue(q: Queue, index: int, interrupt: Interrupt, name: str, handle: Callable[[Chain], int],
+                log: Callable[..., None] | None = None) -> int:
+    """Complete every available chain of ``q`` with ``handle(chain)`` bytes written.
+
+    The two tiers of guest error (queue.py): a malformed chain completes with length 0 and
+    the device goes on; an impossible ring marks the device as needing reset. The driver
+    gets one interrupt for the batch, if it wants one. Returns the chains completed."""
+    warn = log or LOG.warning
+    done = 0
+    while True:
+        try:
+            chain = q.pop()
+        except ChainError as exc:
+            warn("%s: %s; completed with no data", name, exc)
+            q.push_used(exc.head, 0)
+            done += 1
+            continue
+        except QueueError as exc:
+            interrupt.needs_reset(f"{name}: {exc}")
+            break
+        if chain is None:
+            break
+        q.push_used(chain.head, handle(chain))
+        done += 1
+    if done and q.needs_interrupt():
+        interrupt.signal_used(index)
+    return done

@@ -1,0 +1,132 @@
+"""virtio-console, port 0 only (virtio 0.9.5 "Appendix E: Console Device", no MULTIPORT).
+
+Queue 0 (receiveq) carries host input to the guest: the driver posts device-writable
+buffers and kvmm fills them as input arrives. Queue 1 (transmitq) carries the guest's
+output: readable buffers, written to the console sink. Linux names the port ``hvc0``.
+Input that has no guest buffer yet waits in a bounded backlog; while the backlog is full
+kvmm stops reading its input.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from typing import Callable
+
+from ..memory import GuestMemory
+from .device import VIRTIO_ID_CONSOLE, Interrupt, serve_queue
+from .queue import Chain, Queue
+
+LOG = logging.getLogger(__name__)
+
+RX_QUEUE = 0
+TX_QUEUE = 1
+QUEUE_SIZE = 64
+INPUT_BACKLOG_LIMIT = 4096
+MAX_TX_CHAIN = 1 << 20  # bytes of output taken from one chain
+
+
+class VirtioConsole:
+    device_id = VIRTIO_ID_CONSOLE
+    queue_sizes = (QUEUE_SIZE, QUEUE_SIZE)
+
+    def __init__(self, mem: GuestMemory, sink: Callable[[bytes], None]) -> None:
+        self.mem = mem
+        self.sink = sink
+        self.queues: list[Queue] = []
+        self.interrupt: Interrupt | None = None
+        self.backlog: deque[int] = deque()
+        self.lock = threading.Lock()
+        self.bytes_out = 0
+        self.bytes_in = 0
+
+    def features(self) -> int:
+        return 0
+
+    def config(self) -> bytes:
+        return b""
+
+    def config_write(self, offset: int, data: bytes) -> None:
+        pass
+
+    def activate(self, queues: list[Queue], features: int, interrupt: Interrupt) -> None:
+        self.queues, self.interrupt = queues, interrupt
+        self._deliver()
+
+    def reset(self) -> None:
+        self.queues, self.interrupt = [], None
+
+    # --- host side ----------------------------------------------------------------------
+    def rx_room(self) -> int:
+        return INPUT_BACKLOG_LIMIT - len(self.backlog)
+
+    def receive(self, data: bytes) -> int:
+        """Queue host input for the guest; returns the bytes accepted."""
+        with self.lock:
+            taken = data[: max(self.rx_room(), 0)]
+            self.backlog.extend(taken)
+        self._deliver()
+        return len(taken)
+
+    # --- guest side ---------------------------------------------------------------------
+    def process_queue(self, index: int) -> None:
+        if not self.queues or self.interrupt is None:
+            return
+        if index == TX_QUEUE:
+            serve_queue(self.queues[TX_QUEUE], TX_QUEUE, self.interrupt, "virtio-console", self._transmit)
+        elif index == RX_QUEUE:
+            self._deliver()  # the driver posted receive buffers
+
+    def _transmit(self, chain: Chain) -> int:
+        budget = MAX_TX_CHAIN
+        for d in chain.readable:
+            n = min(d.length, budget)
+            if n:
+                self.sink(self.mem.read(d.addr, n))
+                self.bytes_out += n
+                budget -= n
+        return 0
+
+    def _deliver(self) -> None:
+        """Move backlog into the guest's receive buffers, one chain per batch of input."""
+        if not self.queues or self.interrupt is None:
+            return
+        q = self.queues[RX_QUEUE]
+        with self.lock:
+
+            def fill(chain: Chain) -> int:
+                written = 0
+                for d in chain.writable:
+                    n = min(d.length, len(self.backlog))
+                    if n == 0:
+                        break
+                    self.mem.write(d.addr, bytes(self.backlog.popleft() for _ in range(n)))
+                    written += n
+                self.bytes_in += written
+                return written
+
+            # A chain at a time, while input lasts: the rest of the posted buffers stay
+            # for later input.
+            while self.backlog and q.has_available():
+                serve_queue(_OneChain(q), RX_QUEUE, self.interrupt, "virtio-console", fill)  # type: ignore[arg-type]
+
+
+class _OneChain:
+    """A view of a queue that yields at most one chain (then reports it empty)."""
+
+    def __init__(self, q: Queue) -> None:
+        self.q = q
+        self.taken = False
+
+    def pop(self) -> Chain | None:
+        if self.taken:
+            return None
+        self.taken = True
+        return self.q.pop()
+
+    def push_used(self, head: int, length: int) -> None:
+        self.q.push_used(head, length)
+
+    def needs_interrupt(self) -> bool:
+        return self.q.needs_interrupt()
