@@ -9,7 +9,7 @@ import sys
 from . import __version__
 from .errors import ConfigError, KvmmError
 from .memory import parse_size
-from .vm import DEFAULT_CMDLINE, EXIT_DEBUG_BASE, DiskConfig, Machine, Outcome, VmConfig
+from .vm import DEFAULT_CMDLINE, EXIT_DEBUG_BASE, DiskConfig, Machine, NetConfig, Outcome, VmConfig
 
 LOG = logging.getLogger("kvmm")
 
@@ -29,6 +29,7 @@ exit status:
  11   a disk is missing, unreadable, not writable or in use by another kvmm
  12   guest memory could not be provided (more than available, no hugepages)
  13   /dev/kvm is missing or not accessible
+ 14   a network backend (--net tap=...) cannot be set up
  {EXIT_DEBUG_BASE}+v the guest wrote v (0-63) to the debug-exit port 0x501
  130/143 interrupted by SIGINT/SIGTERM (or Ctrl-A x on the console)
 """
@@ -67,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--initrd", metavar="PATH", help="initial ramdisk (e.g. a gzip cpio archive)")
     p.add_argument("--disk", action="append", default=[], metavar="PATH[,ro][,serial=ID]",
                    help="raw disk image as a virtio-blk disk (vda, vdb, ... in order); repeatable")
+    p.add_argument("--net", action="append", default=[], metavar="tap=NAME[,mac=MAC]",
+                   help="virtio-net on a TAP interface (existing, or created with CAP_NET_ADMIN); repeatable")
     p.add_argument("--cmdline", default="", metavar="STR", help="extra kernel command-line parameters")
     p.add_argument("--mem", default="512M", metavar="SIZE", help="guest RAM, e.g. 256M or 2G (default: 512M)")
     p.add_argument("--cpus", type=int, default=1, metavar="N", help="number of vCPUs (default: 1)")
@@ -106,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             rng=args.rng,
             stop_at_init=args.stop_at_init,
             disks=[DiskConfig.parse(spec) for spec in args.disk],
+            nets=[NetConfig.parse(spec) for spec in args.net],
             exitless=args.exitless,
             msix=args.msix,
         )

@@ -50,7 +50,9 @@ from .memory import GuestMemory
 from .virtio.blk import RawDisk, VirtioBlk
 from .virtio.console import VirtioConsole
 from .virtio.device import VirtioDevice
+from .virtio.net import VirtioNet, parse_mac
 from .virtio.rng import VirtioRng
+from .tap import Tap
 from .virtio.pci_legacy import VirtioPciLegacy
 
 LOG = logging.getLogger(__name__)
@@ -135,6 +137,31 @@ class DiskConfig:
         return cls(path, read_only, serial)
 
 
+@dataclass(frozen=True)
+class NetConfig:
+    tap: str
+    mac: bytes | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> NetConfig:
+        """``tap=NAME[,mac=52:54:00:..]`` as given to --net."""
+        tap, mac = None, None
+        for opt in spec.split(","):
+            key, _, value = opt.partition("=")
+            if key == "tap" and value:
+                tap = value
+            elif key == "mac" and value:
+                try:
+                    mac = parse_mac(value)
+                except ValueError as exc:
+                    raise ConfigError(str(exc)) from None
+            else:
+                raise ConfigError(f"unknown --net option {opt!r} in {spec!r}: expected tap=NAME[,mac=..]")
+        if tap is None:
+            raise ConfigError(f"--net {spec!r} names no tap (tap=NAME)")
+        return cls(tap, mac)
+
+
 PCI_IRQ_BASE = 16  # IOAPIC inputs 16-23 carry PCI INTA of slots 1, 2, ...
 PCI_IRQ_COUNT = 8
 
@@ -151,6 +178,7 @@ class VmConfig:
     stdin: bool = True
     stop_at_init: bool | None = None  # None: where guest user space cannot run
     disks: list[DiskConfig] = field(default_factory=list)
+    nets: list[NetConfig] = field(default_factory=list)
     exitless: bool = True  # queue notifies by ioeventfd and INTx by irqfd (False: VM exits, KVM_IRQ_LINE)
     msix: bool = True  # offer MSI-X on virtio devices (the guest may still choose INTx, e.g. pci=nomsi)
     console_device: str = "serial"  # the primary console: "serial" (ttyS0) or "virtio" (hvc0)
@@ -210,6 +238,7 @@ class Machine:
         self._threads: list[threading.Thread] = []
         self._kvm: Kvm | None = None
         self.disks: list[RawDisk] = []
+        self.taps: list[Tap] = []
         self.loop = EventLoop()
         self.mem: GuestMemory | None = None
         self.console: ConsoleOutput | None = None
@@ -226,6 +255,8 @@ class Machine:
         initrd = read_image(cfg.initrd, "initrd") if cfg.initrd else None
         for d in cfg.disks:
             self.disks.append(RawDisk(d.path, d.read_only, d.serial))
+        for n in cfg.nets:
+            self.taps.append(Tap(n.tap))
         if cfg.console_device not in ("serial", "virtio"):
             raise ConfigError(f"unknown console device {cfg.console_device!r}: expected serial or virtio")
         defaults = cfg.default_cmdline
@@ -282,6 +313,9 @@ class Machine:
         self._pci_irqs: list[tuple[int, int, int]] = []
         for disk in self.disks:
             self._add_virtio(VirtioBlk(disk, mem))
+        self.nets = [VirtioNet(tap, mem, self.loop, n.mac) for tap, n in zip(self.taps, cfg.nets)]
+        for net in self.nets:
+            self._add_virtio(net)
         self.virtio_console: VirtioConsole | None = None
         if cfg.console_device == "virtio":
             self.virtio_console = VirtioConsole(mem, self.console.write)
@@ -490,6 +524,10 @@ class Machine:
             report["rng_bytes"] = self.rng.bytes_served
         if self.virtio_console is not None:
             report["virtio_console_bytes_out"] = self.virtio_console.bytes_out
+        for i, net in enumerate(self.nets):
+            report[f"net{i}_rx_frames"] = net.rx_frames
+            report[f"net{i}_tx_frames"] = net.tx_frames
+            report[f"net{i}_tx_dropped"] = net.tx_dropped
         return report
 
     def request_dump(self) -> None:
@@ -638,6 +676,9 @@ class Machine:
             except OSError as exc:
                 LOG.error("flushing disk %s failed: %s", disk.path, exc.strerror)
         self.disks.clear()
+        for tap in self.taps:
+            tap.close()
+        self.taps.clear()
         if self.mem is not None:
             self.mem.close()
         if self.console is not None:

@@ -9,6 +9,7 @@ driver notifies a queue. Devices signal the driver through an :class:`Interrupt`
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Callable, Protocol
 
 from .queue import Chain, ChainError, Queue, QueueError
@@ -31,6 +32,11 @@ VIRTIO_ID_RNG = 4
 
 
 class Interrupt(Protocol):
+    """The transport, as the device sees it. Its ``lock`` serialises device work done on
+    the I/O thread (tap input, say) with the driver's register accesses."""
+
+    lock: threading.RLock
+
     def signal_used(self, index: int) -> None:
         """Used buffers were added to queue ``index``."""
 

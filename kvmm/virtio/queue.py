@@ -163,6 +163,10 @@ class Queue:
             raise QueueError(f"available ring entry {head} is outside the queue of {self.size}")
         return Chain(head, self._walk(head))
 
+    def undo_pop(self) -> None:
+        """Give the last popped chain back (the device could not use it yet)."""
+        self.last_avail_idx = (self.last_avail_idx - 1) & 0xFFFF
+
     def _read_desc(self, addr: int) -> Descriptor:
         assert self.mem is not None
         return Descriptor(*self.mem.read_struct(addr, _DESC))
