@@ -62,6 +62,7 @@ TSS_ADDR = 0xFFFB_D000
 IDENTITY_MAP_ADDR = 0xFFFB_C000
 MAX_CPUS = 16  # the MP table lives in the 1 KiB below 640 KiB
 KICK_SIGNAL = signal.SIGUSR1
+FWAIT = b"\x9b"
 
 PANIC_MARKER = b"Kernel panic - not syncing"
 INIT_RE = re.compile(rb"Run (\S+) as init process")
@@ -191,6 +192,7 @@ class VmConfig:
 class VmStats:
     exits: Counter[str] = field(default_factory=Counter)
     int3_injected: int = 0
+    fwait_skipped: int = 0
     started: float = field(default_factory=time.monotonic)
     init_seconds: float | None = None
 
@@ -288,7 +290,7 @@ class Machine:
                 "host KVM is %s (software nested, no VT-x/AMD-V): adding kernel parameters '%s'%s",
                 self.host.name,
                 " ".join(self.host.extra_cmdline),
-                " and delivering int3 by hand" if self.host.inject_int3 else "",
+                " and delivering int3 (and stepping over fwait) by hand" if self.host.inject_int3 else "",
             )
         LOG.info("%s %s, %d MiB, %d vCPU%s, cmdline: %s", self.boot.kind, cfg.kernel, cfg.mem_size >> 20,
                  cfg.cpus, "s" if cfg.cpus > 1 else "", self.cmdline)
@@ -554,7 +556,14 @@ class Machine:
 
     def _recover_internal_error(self, vcpu: Vcpu, ex: InternalErrorExit) -> bool:
         """Deliver an int3 the emulator could not (software-nested hosts); else stop."""
-        if ex.suberror == K.KVM_INTERNAL_ERROR_EMULATION and ex.insn[:1] == b"\xcc" and self.host.inject_int3:
+        emulation = ex.suberror == K.KVM_INTERNAL_ERROR_EMULATION
+        if emulation and ex.insn[:1] == FWAIT and self.host.skip_fwait:
+            regs = vcpu.get_regs()
+            regs.rip += 1
+            vcpu.set_regs(regs)
+            self.stats.fwait_skipped += 1
+            return True
+        if emulation and ex.insn[:1] == b"\xcc" and self.host.inject_int3:
             regs = vcpu.get_regs()
             regs.rip += 1  # int3 is a trap: the guest's handler sees RIP after it
             vcpu.set_regs(regs)

@@ -115,3 +115,10 @@ def test_regression_panic_then_i8042_reset_reports_panic(guests) -> None:  # typ
     res = run_kvmm("--kernel", str(guests("panic_reset")), "--mem", "64M")
     assert res.returncode == 3
     assert b"kvmm: error: guest kernel panic: Kernel panic - not syncing: VFS: Unable to mount root fs" in res.stderr
+
+
+def test_regression_fwait_does_not_stop_the_vcpu(guests) -> None:  # type: ignore[no-untyped-def]
+    # Bug: a Linux guest on kvm_pvm died with "KVM could not emulate ... (9b ...)" when a
+    # task exited (fpu__drop). kvmm steps over fwait there; on hardware it runs natively.
+    res = run_kvmm("-q", "--kernel", str(guests("fwait")), "--mem", "64M")
+    assert res.stdout == b"fwait done\n" and res.returncode == EXIT_DEBUG_BASE + 9, res.stderr

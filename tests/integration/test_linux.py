@@ -163,3 +163,66 @@ def test_read_only_disk_with_intx(kernel_dir: Path, spin_rootfs: Path, tmp_path:
     assert spin_rootfs.read_bytes() == before
     assert report["intx_interrupts"] > 0 and report["msi_interrupts"] == 0
     assert report["queue_notify_exits"] == 0
+
+
+@pytest.fixture
+def netns():  # type: ignore[no-untyped-def]
+    """A network namespace holding a tap with the host side's address 10.0.2.1/24.
+
+    Everything stays inside this machine: the guest is 10.0.2.15 on that tap."""
+    import os
+    import shutil
+    import uuid
+
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("needs root and iproute2 to create a network namespace and a tap")
+    tag = uuid.uuid4().hex[:6]
+    ns, tap = f"kvmm-{tag}", f"kvtap{tag}"
+    run = lambda *cmd: subprocess.run(["ip", "netns", "exec", ns, *cmd], check=True, capture_output=True)  # noqa: E731
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        run("ip", "tuntap", "add", "dev", tap, "mode", "tap")
+        run("ip", "addr", "add", "10.0.2.1/24", "dev", tap)
+        run("ip", "link", "set", tap, "up")
+        run("ip", "link", "set", "lo", "up")
+        yield ns, tap
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+def test_network_virtio_console_and_rng(kernel_dir: Path, spin_rootfs: Path, tmp_path: Path, netns) -> None:  # type: ignore[no-untyped-def]
+    import signal
+    import time
+
+    ns, tap = netns
+    console = tmp_path / "console.log"
+    cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "kvmm", "--kernel", str(kernel_dir / "vmlinux"),
+           "--mem", "256M", "--disk", str(spin_rootfs), "--net", f"tap={tap},mac=52:54:00:12:34:56",
+           "--console", f"virtio,file:{console}", "--stop-at-init", "no", "--stats", "--timeout", str(BOOT_TIMEOUT),
+           "--cmdline", "root=/dev/vda ip=10.0.2.15::10.0.2.1:255.255.255.0::eth0:off"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + BOOT_TIMEOUT
+        while "Run /sbin/init as init process" not in (console.read_text(errors="replace") if console.exists() else ""):
+            assert proc.poll() is None, proc.communicate()[1].decode()
+            assert time.monotonic() < deadline, "no init within the boot timeout"
+            time.sleep(1)
+        ping = subprocess.run(["ip", "netns", "exec", ns, "ping", "-c", "5", "-W", "10", "10.0.2.15"],
+                              capture_output=True, text=True, timeout=120)
+        print("\n" + ping.stdout)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    log = console.read_text(errors="replace")
+    assert "5 received" in ping.stdout, ping.stdout + ping.stderr
+    assert_in_order(log, [
+        r"printk: console \[hvc0\] enabled",
+        r"IP-Config: Complete:",
+        r"device=eth0, hwaddr=52:54:00:12:34:56, ipaddr=10\.0\.2\.15, mask=255\.255\.255\.0, gw=10\.0\.2\.1",
+        r"Run /sbin/init as init process",
+    ])
+    stats = dict(kv.split("=") for kv in err.decode().split("kvmm: exits: ")[1].split("\n")[0].split(", "))
+    print(f"stats: {stats}")
+    assert int(stats["rng_requests"]) > 0  # the kernel's hwrng core read virtio-rng
+    assert int(stats["virtio_console_bytes_out"]) > 1000
+    assert int(stats["net0_rx_frames"]) >= 5 and int(stats["net0_tx_frames"]) >= 5
