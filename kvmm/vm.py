@@ -519,6 +519,7 @@ class Machine:
         report["queue_notify_exits"] = sum(t.notify_exits for t in self.virtio)
         report["queue_notify_ioeventfd"] = sum(t.notify_events for t in self.virtio)
         report["post_code_writes"] = self.post.writes
+        report["console_bytes"] = self.console.bytes_written if self.console else 0
         report["msi_interrupts"] = sum(v.fired for t in self.virtio for v in getattr(t, "msi_vectors", []))
         report["intx_interrupts"] = sum(getattr(t.set_irq, "asserts", 0) for t in self.virtio)
         if self.rng is not None:

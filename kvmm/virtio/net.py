@@ -1,17 +1,19 @@
 """virtio-net over a TAP device (virtio 0.9.5 "Appendix C: Network Device").
 
 Queue 0 receives (tap -> guest), queue 1 transmits (guest -> tap). Each frame carries the
-10-byte legacy ``virtio_net_hdr``, which the tap (IFF_VNET_HDR) reads and writes as is,
+legacy ``virtio_net_hdr`` (10 bytes, 12 with mergeable buffers), which the tap (IFF_VNET_HDR) reads and writes as is,
 so frames move between guest memory and the tap with readv/writev and no parsing.
 
 - TX: driven by the queue's ioeventfd in the I/O thread; a chain's readable buffers are
   one frame. A full tap queue drops the frame (counted), as a NIC would.
-- RX: driven by the tap fd in the I/O thread; one frame per chain (without mergeable
-  buffers and guest TSO the driver posts MTU-sized buffers). When the guest posts no
-  buffers kvmm stops reading the tap until it does, so the only queue is the kernel's tap
-  queue (bounded by its txqueuelen): kvmm never buffers without bound.
-- Checksum offload: VIRTIO_NET_F_CSUM always (the tap completes partial checksums on
-  write); VIRTIO_NET_F_GUEST_CSUM only if the tap accepts TUNSETOFFLOAD(TUN_F_CSUM).
+- RX: driven by the tap fd in the I/O thread. With VIRTIO_NET_F_MRG_RXBUF a frame (up to
+  64 KiB with guest TSO) spreads over as many posted buffers as it needs and the 12-byte
+  header says how many; without it, one frame per chain. When the guest posts too few
+  buffers kvmm stops reading the tap until it posts more: at most one frame waits in
+  kvmm, the rest in the kernel's tap queue (bounded by its txqueuelen).
+- Offloads: CSUM and HOST_TSO4/6/ECN always (the tap completes partial checksums and
+  segments GSO frames written to it); GUEST_CSUM and GUEST_TSO4/6/ECN only if the tap
+  accepts the matching TUNSETOFFLOAD flags, which are set to what the driver acked.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import struct
 
 from ..eventloop import EventLoop
 from ..memory import GuestMemory
-from ..tap import TUN_F_CSUM, Tap
+from ..tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, Tap
 from .device import VIRTIO_ID_NET, Interrupt, serve_queue
 from .queue import Chain, ChainError, Queue, QueueError
 
@@ -33,13 +35,21 @@ RX_QUEUE = 0
 TX_QUEUE = 1
 QUEUE_SIZE = 256
 VNET_HDR_LEN = 10
-MAX_FRAME = 65550 + VNET_HDR_LEN
+MAX_FRAME = 65550 + 12
 RX_BUDGET = 256  # frames per tap wake-up, so one busy NIC cannot starve the loop
 
 VIRTIO_NET_F_CSUM = 0
 VIRTIO_NET_F_GUEST_CSUM = 1
 VIRTIO_NET_F_MAC = 5
+VIRTIO_NET_F_GUEST_TSO4 = 7
+VIRTIO_NET_F_GUEST_TSO6 = 8
+VIRTIO_NET_F_GUEST_ECN = 9
+VIRTIO_NET_F_HOST_TSO4 = 11
+VIRTIO_NET_F_HOST_TSO6 = 12
+VIRTIO_NET_F_HOST_ECN = 13
+VIRTIO_NET_F_MRG_RXBUF = 15
 VIRTIO_NET_F_STATUS = 16
+MRG_HDR_LEN = 12
 VIRTIO_NET_S_LINK_UP = 1
 
 
@@ -67,18 +77,27 @@ class VirtioNet:
         self.mem = mem
         self.loop = loop
         self.mac = mac or default_mac(tap.name)
+        # What the tap can hand us (TUNSETOFFLOAD): that is what the guest may be offered.
         self.guest_csum_ok = tap.set_offload(TUN_F_CSUM)
+        self.guest_tso_ok = tap.set_offload(TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN)
         tap.set_offload(0)  # until the driver says what it accepts
         self.queues: list[Queue] = []
         self.interrupt: Interrupt | None = None
         self.features_acked = 0
         self.rx_polling = False
-        self.tx_frames = self.tx_dropped = self.rx_frames = self.rx_stalls = 0
+        self.tx_frames = self.tx_dropped = self.rx_frames = self.rx_stalls = self.rx_truncated = self.rx_dropped = 0
+        self.rx_buffer = bytearray(MAX_FRAME + 2)
+        self.pending: memoryview | None = None
+        self.mergeable = False
 
     def features(self) -> int:
-        f = (1 << VIRTIO_NET_F_MAC) | (1 << VIRTIO_NET_F_STATUS) | (1 << VIRTIO_NET_F_CSUM)
+        # The tap completes partial checksums and segments GSO frames we write to it.
+        f = (1 << VIRTIO_NET_F_MAC) | (1 << VIRTIO_NET_F_STATUS) | (1 << VIRTIO_NET_F_MRG_RXBUF)
+        f |= (1 << VIRTIO_NET_F_CSUM) | (1 << VIRTIO_NET_F_HOST_TSO4) | (1 << VIRTIO_NET_F_HOST_TSO6) | (1 << VIRTIO_NET_F_HOST_ECN)
         if self.guest_csum_ok:
             f |= 1 << VIRTIO_NET_F_GUEST_CSUM
+        if self.guest_tso_ok:
+            f |= (1 << VIRTIO_NET_F_GUEST_TSO4) | (1 << VIRTIO_NET_F_GUEST_TSO6) | (1 << VIRTIO_NET_F_GUEST_ECN)
         return f
 
     def config(self) -> bytes:
@@ -89,7 +108,19 @@ class VirtioNet:
 
     def activate(self, queues: list[Queue], features: int, interrupt: Interrupt) -> None:
         self.queues, self.interrupt, self.features_acked = queues, interrupt, features
-        self.tap.set_offload(TUN_F_CSUM if features & (1 << VIRTIO_NET_F_GUEST_CSUM) else 0)
+        self.mergeable = bool(features & (1 << VIRTIO_NET_F_MRG_RXBUF))
+        self.tap.set_vnet_hdr_len(MRG_HDR_LEN if self.mergeable else VNET_HDR_LEN)
+        offload = 0
+        if features & (1 << VIRTIO_NET_F_GUEST_CSUM):
+            offload |= TUN_F_CSUM
+            if features & (1 << VIRTIO_NET_F_GUEST_TSO4):
+                offload |= TUN_F_TSO4
+            if features & (1 << VIRTIO_NET_F_GUEST_TSO6):
+                offload |= TUN_F_TSO6
+            if features & (1 << VIRTIO_NET_F_GUEST_ECN):
+                offload |= TUN_F_TSO_ECN
+        self.tap.set_offload(offload)
+        self.pending = None
         self._poll_tap(True)
 
     def reset(self) -> None:
@@ -140,40 +171,81 @@ class VirtioNet:
             self._receive()
 
     def _receive(self) -> None:
+        """Move frames from the tap into the guest's receive buffers, until either runs
+        out. A frame read from the tap but not yet placed waits in ``self.pending``."""
         if not self.queues or self.interrupt is None:
             return
         q = self.queues[RX_QUEUE]
         done = 0
         for _ in range(RX_BUDGET):
+            if self.pending is None:
+                try:
+                    n = os.readv(self.tap.fd, [self.rx_buffer])
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    LOG.debug("virtio-net: tap read failed: %s", exc.strerror)
+                    break
+                self.pending = memoryview(self.rx_buffer)[:n]
             try:
-                chain = q.pop()
-            except ChainError as exc:
-                LOG.warning("virtio-net rx: %s; completed with no data", exc)
-                q.push_used(exc.head, 0)
-                done += 1
-                continue
+                placed = self._place(q, self.pending)
             except QueueError as exc:
                 self.interrupt.needs_reset(f"virtio-net rx: {exc}")
                 self._poll_tap(False)
                 break
-            if chain is None:
-                # No buffers: leave frames in the tap until the driver posts some.
+            if placed is None:
+                # No buffers: the frame waits here and the rest in the tap's own queue
+                # until the driver posts more (its notify resumes reading).
                 self.rx_stalls += 1
                 self._poll_tap(False)
                 break
-            views = [self.mem.view(d.addr, d.length) for d in chain.writable]
-            try:
-                n = os.readv(self.tap.fd, views) if views else 0
-            except BlockingIOError:
-                q.undo_pop()
-                break
-            except OSError as exc:
-                LOG.debug("virtio-net: tap read failed: %s", exc.strerror)
-                q.undo_pop()
-                break
-            q.push_used(chain.head, n)
+            for head, length in placed:
+                q.push_used(head, length)
+            done += len(placed)
+            self.pending = None
             self.rx_frames += 1
-            done += 1
         if done and q.needs_interrupt():
             self.interrupt.signal_used(RX_QUEUE)
 
+    def _place(self, q: Queue, frame: memoryview) -> list[tuple[int, int]] | None:
+        """Write ``frame`` (vnet header + packet) into one chain, or several with mergeable
+        buffers (5.1.6.4, num_buffers in the header). None, with nothing consumed, if the
+        guest has not posted enough buffers."""
+        used: list[tuple[int, int]] = []
+        popped = 0
+        offset = 0
+        first_addr = None
+        while offset < len(frame) or not used:
+            try:
+                chain = q.pop()
+            except ChainError as exc:
+                LOG.warning("virtio-net rx: %s; completed with no data, frame dropped", exc)
+                # Chains popped before it can no longer be given back: complete them empty.
+                self.rx_dropped += 1
+                return [*((head, 0) for head, _ in used), (exc.head, 0)]
+            if chain is None:
+                for _ in range(popped):
+                    q.undo_pop()
+                return None
+            popped += 1
+            written = 0
+            for d in chain.writable:
+                n = min(d.length, len(frame) - offset)
+                if n <= 0:
+                    break
+                if first_addr is None:
+                    first_addr = d.addr
+                self.mem.write(d.addr, frame[offset : offset + n])
+                offset += n
+                written += n
+            used.append((chain.head, written))
+            if not self.mergeable:
+                if offset < len(frame):
+                    self.rx_truncated += 1  # the driver's buffer was too small for this frame
+                break
+            if written == 0:
+                break  # a chain with no room: give up on the rest rather than spin
+        if self.mergeable and first_addr is not None:
+            # num_buffers sits at bytes 10-11 of the header, in the first buffer.
+            self.mem.write_u16(first_addr + 10, len(used))
+        return used
