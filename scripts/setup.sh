@@ -22,5 +22,6 @@ if ! "$py" -c "import kvmm, cffi, ioctl_opt, psutil, pytest, hypothesis" 2>/dev/
    || [ "$("$py" -c 'import kvmm, os; print(os.path.dirname(os.path.dirname(kvmm.__file__)))')" != "$PWD" ]; then
     echo "setup: pip install -e .[test]" >&2
     "$py" -m pip install -q --disable-pip-version-check -e ".[test]" >&2
+    command -v pyenv >/dev/null 2>&1 && pyenv rehash >&2 || true  # expose the kvmm command
 fi
 echo "$py"
