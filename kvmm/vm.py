@@ -311,7 +311,6 @@ class Machine:
         self.pci = PciBus(pio, self.mmio)
         self.router = GsiRouter(vm)
         self.virtio: list[VirtioPciLegacy] = []
-        pci_irqs = []
         self._pci_irqs: list[tuple[int, int, int]] = []
         for disk in self.disks:
             self._add_virtio(VirtioBlk(disk, mem))

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 from ..errors import DiskError
 from ..memory import GuestMemory
-from .device import VIRTIO_ID_BLOCK, Interrupt, serve_queue
-from .queue import Chain, Descriptor, Queue
+from .device import VIRTIO_ID_BLOCK, DeviceBase, serve_queue
+from .queue import Chain, Descriptor
 
 LOG = logging.getLogger(__name__)
 
@@ -202,17 +202,16 @@ class _RateLimitedLog:
             self.dropped += 1
 
 
-class VirtioBlk:
+class VirtioBlk(DeviceBase):
     """The virtio-blk device model (one request queue)."""
 
     device_id = VIRTIO_ID_BLOCK
     queue_sizes = (QUEUE_SIZE,)
 
     def __init__(self, disk: RawDisk, mem: GuestMemory) -> None:
+        super().__init__()
         self.disk = disk
         self.mem = mem
-        self.queues: list[Queue] = []
-        self.interrupt: Interrupt | None = None
         self.log = _RateLimitedLog()
         self.requests = 0
         self.errors = 0
@@ -227,16 +226,6 @@ class VirtioBlk:
         # capacity, size_max, seg_max, geometry (cylinders, heads, sectors), blk_size
         return struct.pack("<QIIHBBI", self.disk.sectors, SIZE_MAX, QUEUE_SIZE - 2, 0, 0, 0, SECTOR_SIZE)
 
-    def config_write(self, offset: int, data: bytes) -> None:
-        pass  # no writable fields without VIRTIO_BLK_F_CONFIG_WCE
-
-    def activate(self, queues: list[Queue], features: int, interrupt: Interrupt) -> None:
-        self.queues = queues
-        self.interrupt = interrupt
-
-    def reset(self) -> None:
-        self.queues = []
-        self.interrupt = None
 
     def process_queue(self, index: int) -> None:
         if index == 0 and self.queues and self.interrupt is not None:

@@ -15,7 +15,7 @@ from collections import deque
 from typing import Callable
 
 from ..memory import GuestMemory
-from .device import VIRTIO_ID_CONSOLE, Interrupt, serve_queue
+from .device import VIRTIO_ID_CONSOLE, DeviceBase, Interrupt, serve_queue
 from .queue import Chain, Queue
 
 LOG = logging.getLogger(__name__)
@@ -27,35 +27,22 @@ INPUT_BACKLOG_LIMIT = 4096
 MAX_TX_CHAIN = 1 << 20  # bytes of output taken from one chain
 
 
-class VirtioConsole:
+class VirtioConsole(DeviceBase):
     device_id = VIRTIO_ID_CONSOLE
     queue_sizes = (QUEUE_SIZE, QUEUE_SIZE)
 
     def __init__(self, mem: GuestMemory, sink: Callable[[bytes], None]) -> None:
+        super().__init__()
         self.mem = mem
         self.sink = sink
-        self.queues: list[Queue] = []
-        self.interrupt: Interrupt | None = None
         self.backlog: deque[int] = deque()
         self.lock = threading.Lock()
         self.bytes_out = 0
         self.bytes_in = 0
 
-    def features(self) -> int:
-        return 0
-
-    def config(self) -> bytes:
-        return b""
-
-    def config_write(self, offset: int, data: bytes) -> None:
-        pass
-
     def activate(self, queues: list[Queue], features: int, interrupt: Interrupt) -> None:
-        self.queues, self.interrupt = queues, interrupt
-        self._deliver()
-
-    def reset(self) -> None:
-        self.queues, self.interrupt = [], None
+        super().activate(queues, features, interrupt)
+        self._deliver()  # input typed before the driver came up
 
     # --- host side ----------------------------------------------------------------------
     def rx_room(self) -> int:

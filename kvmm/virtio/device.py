@@ -70,6 +70,30 @@ class VirtioDevice(Protocol):
         """The driver wrote 0 to the status register."""
 
 
+class DeviceBase:
+    """Defaults for the :class:`VirtioDevice` protocol: no feature bits, an empty config
+    space, and activate/reset that keep or drop the queues and the interrupt."""
+
+    def __init__(self) -> None:
+        self.queues: list[Queue] = []
+        self.interrupt: Interrupt | None = None
+
+    def features(self) -> int:
+        return 0
+
+    def config(self) -> bytes:
+        return b""
+
+    def config_write(self, offset: int, data: bytes) -> None:
+        pass  # nothing writable unless a device says so
+
+    def activate(self, queues: list[Queue], features: int, interrupt: Interrupt) -> None:
+        self.queues, self.interrupt = queues, interrupt
+
+    def reset(self) -> None:
+        self.queues, self.interrupt = [], None
+
+
 def serve_queue(q: Queue, index: int, interrupt: Interrupt, name: str, handle: Callable[[Chain], int],
                 log: Callable[..., None] | None = None) -> int:
     """Complete every available chain of ``q`` with ``handle(chain)`` bytes written.

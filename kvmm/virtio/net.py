@@ -26,7 +26,7 @@ import struct
 from ..eventloop import EventLoop
 from ..memory import GuestMemory
 from ..tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, Tap
-from .device import VIRTIO_ID_NET, Interrupt, serve_queue
+from .device import VIRTIO_ID_NET, DeviceBase, Interrupt, serve_queue
 from .queue import Chain, ChainError, Queue, QueueError
 
 LOG = logging.getLogger(__name__)
@@ -68,11 +68,12 @@ def default_mac(seed: str) -> bytes:
     return b"\x52\x54\x00" + hashlib.sha256(seed.encode()).digest()[:3]
 
 
-class VirtioNet:
+class VirtioNet(DeviceBase):
     device_id = VIRTIO_ID_NET
     queue_sizes = (QUEUE_SIZE, QUEUE_SIZE)
 
     def __init__(self, tap: Tap, mem: GuestMemory, loop: EventLoop, mac: bytes | None = None) -> None:
+        super().__init__()
         self.tap = tap
         self.mem = mem
         self.loop = loop
@@ -81,8 +82,6 @@ class VirtioNet:
         self.guest_csum_ok = tap.set_offload(TUN_F_CSUM)
         self.guest_tso_ok = tap.set_offload(TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN)
         tap.set_offload(0)  # until the driver says what it accepts
-        self.queues: list[Queue] = []
-        self.interrupt: Interrupt | None = None
         self.features_acked = 0
         self.rx_polling = False
         self.tx_frames = self.tx_dropped = self.rx_frames = self.rx_stalls = self.rx_truncated = self.rx_dropped = 0
@@ -103,11 +102,9 @@ class VirtioNet:
     def config(self) -> bytes:
         return self.mac + struct.pack("<H", VIRTIO_NET_S_LINK_UP)
 
-    def config_write(self, offset: int, data: bytes) -> None:
-        pass  # legacy drivers may write the MAC; kvmm keeps the configured one
-
     def activate(self, queues: list[Queue], features: int, interrupt: Interrupt) -> None:
-        self.queues, self.interrupt, self.features_acked = queues, interrupt, features
+        super().activate(queues, features, interrupt)
+        self.features_acked = features
         self.mergeable = bool(features & (1 << VIRTIO_NET_F_MRG_RXBUF))
         self.tap.set_vnet_hdr_len(MRG_HDR_LEN if self.mergeable else VNET_HDR_LEN)
         offload = 0
@@ -125,7 +122,7 @@ class VirtioNet:
 
     def reset(self) -> None:
         self._poll_tap(False)
-        self.queues, self.interrupt = [], None
+        super().reset()
 
     def _poll_tap(self, on: bool) -> None:
         if on == self.rx_polling:

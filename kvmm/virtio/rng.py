@@ -12,8 +12,8 @@ import logging
 import os
 
 from ..memory import GuestMemory
-from .device import VIRTIO_ID_RNG, Interrupt, serve_queue
-from .queue import Chain, Queue
+from .device import VIRTIO_ID_RNG, DeviceBase, serve_queue
+from .queue import Chain
 
 LOG = logging.getLogger(__name__)
 
@@ -21,31 +21,15 @@ QUEUE_SIZE = 64
 MAX_REQUEST = 64 << 10
 
 
-class VirtioRng:
+class VirtioRng(DeviceBase):
     device_id = VIRTIO_ID_RNG
     queue_sizes = (QUEUE_SIZE,)
 
     def __init__(self, mem: GuestMemory) -> None:
+        super().__init__()
         self.mem = mem
-        self.queues: list[Queue] = []
-        self.interrupt: Interrupt | None = None
         self.bytes_served = 0
         self.requests = 0
-
-    def features(self) -> int:
-        return 0
-
-    def config(self) -> bytes:
-        return b""
-
-    def config_write(self, offset: int, data: bytes) -> None:
-        pass
-
-    def activate(self, queues: list[Queue], features: int, interrupt: Interrupt) -> None:
-        self.queues, self.interrupt = queues, interrupt
-
-    def reset(self) -> None:
-        self.queues, self.interrupt = [], None
 
     def process_queue(self, index: int) -> None:
         if index == 0 and self.queues and self.interrupt is not None:

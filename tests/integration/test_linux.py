@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from kvmm.kvm.structs import ffi  # noqa: F401  (struct layer must import cleanly)
 from kvmm.loader.bzimage import parse_bzimage
 from kvmm.vm import Machine, Outcome, VmConfig
 

@@ -15,7 +15,7 @@ from kvmm.memory import GuestMemory
 from kvmm.virtio import blk as B
 from kvmm.virtio import pci_legacy as L
 from kvmm.virtio import device as vd
-from kvmm.virtio.queue import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
+from kvmm.virtio.queue import VIRTQ_DESC_F_NEXT
 
 from .harness import LegacyDriver
 from .mock_queue import MockQueue

@@ -3,7 +3,6 @@ boundaries as a tap does."""
 
 from __future__ import annotations
 
-import os
 import socket
 import struct
 

@@ -12,7 +12,6 @@ from kvmm.memory import GuestMemory
 from kvmm.virtio.queue import (
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
-    VIRTQ_DESC_F_WRITE,
     VRING_AVAIL_F_NO_INTERRUPT,
     Chain,
     ChainError,
