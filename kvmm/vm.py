@@ -190,11 +190,16 @@ class VmConfig:
 
 @dataclass
 class VmStats:
-    exits: Counter[str] = field(default_factory=Counter)
+    exit_kinds: Counter[type] = field(default_factory=Counter)  # counted by exit class (cheap)
     int3_injected: int = 0
     fwait_skipped: int = 0
     started: float = field(default_factory=time.monotonic)
     init_seconds: float | None = None
+
+    @property
+    def exits(self) -> Counter[str]:
+        """Exits to kvmm by exit name (IoExit, MmioExit, ...)."""
+        return Counter({kind.__name__: n for kind, n in self.exit_kinds.items()})
 
 
 class IrqfdLine:
@@ -467,12 +472,12 @@ class Machine:
 
     def _vcpu_loop(self, vcpu: Vcpu) -> None:
         pio = self.pio
-        exits = self.stats.exits
+        exits = self.stats.exit_kinds
         run = vcpu.run
         while not self._stopping:
             ex = run()
             kind = type(ex)
-            exits[kind.__name__] += 1
+            exits[kind] += 1
             if kind is IoExit:
                 size = ex.size
                 data = ex.data
