@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import termios
 import threading
+import time
 import tty
 from collections import deque
 from typing import Callable
@@ -21,6 +23,7 @@ LOG = logging.getLogger(__name__)
 
 LineListener = Callable[[bytes], None]
 FLUSH_THRESHOLD = 4096
+TRANSCRIPT_LIMIT = 16 << 20
 ESCAPE_CHAR = 0x01  # Ctrl-A, then 'x' quits (as QEMU's -nographic)
 
 
@@ -42,8 +45,20 @@ class ConsoleOutput:
         self.last_lines: deque[bytes] = deque(maxlen=keep_lines)
         self.listeners: list[LineListener] = []
         self.bytes_written = 0
+        # The transcript that expect() searches (bounded: the oldest output goes first).
+        self.transcript = bytearray()
+        self._cursor = 0
+        self._cond = threading.Condition()
+        self.ended: str | None = None  # why the VM ended, once it has
 
     def write(self, data: bytes) -> None:
+        with self._cond:
+            self.transcript += data
+            if len(self.transcript) > TRANSCRIPT_LIMIT:
+                cut = len(self.transcript) - TRANSCRIPT_LIMIT
+                del self.transcript[:cut]
+                self._cursor = max(0, self._cursor - cut)
+            self._cond.notify_all()
         with self.lock:
             self._pending += data
             self.bytes_written += len(data)
@@ -80,6 +95,33 @@ class ConsoleOutput:
     def flush(self) -> None:
         with self.lock:
             self._flush_locked()
+
+    def expect(self, pattern: str | bytes | re.Pattern[bytes], timeout: float) -> re.Match[bytes]:
+        """Wait for ``pattern`` (a regex) in the output since the last match; raises
+        :class:`~kvmm.errors.ConsoleTimeout` with the last console lines if it does not
+        appear within ``timeout`` seconds or the VM ends first."""
+        from .errors import ConsoleTimeout
+
+        if isinstance(pattern, str):
+            pattern = pattern.encode()
+        regex = pattern if isinstance(pattern, re.Pattern) else re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                m = regex.search(self.transcript, self._cursor)
+                if m:
+                    self._cursor = m.end()
+                    return m
+                left = deadline - time.monotonic()
+                if self.ended is not None or left <= 0:
+                    why = f"the VM ended ({self.ended})" if self.ended else f"{timeout:g} s passed"
+                    raise ConsoleTimeout(regex.pattern, why, self.tail(20))
+                self._cond.wait(left)
+
+    def mark_ended(self, why: str) -> None:
+        with self._cond:
+            self.ended = why
+            self._cond.notify_all()
 
     def tail(self, n: int = 20) -> str:
         return "\n".join(line.decode(errors="replace") for line in list(self.last_lines)[-n:])

@@ -9,7 +9,9 @@
     ├── GuestMemoryError(gpa, n)   an access outside guest RAM                       1
     ├── MemoryConfigError          more memory than the host has, no hugepages      12
     ├── KernelImageError           missing, unreadable or malformed kernel/initrd   10
-    └── DiskError                  missing, unreadable, locked or read-only disk    11
+    ├── DiskError                  missing, unreadable, locked or read-only disk    11
+    ├── NetError (kvmm.tap)        tap cannot be opened or attached                 14
+    └── ConsoleTimeout             expected console output did not appear            5
 
 The CLI maps each to its ``exit_status`` and prints ``kvmm: error: <message>`` (README).
 """
@@ -76,3 +78,15 @@ class DiskError(KvmmError):
     """A disk image cannot be opened as requested."""
 
     exit_status = 11
+
+
+class ConsoleTimeout(KvmmError):
+    """Expected console output did not appear; carries the last console lines."""
+
+    exit_status = 5
+
+    def __init__(self, pattern: bytes | str, why: str, last_lines: str) -> None:
+        self.pattern = pattern
+        self.last_lines = last_lines
+        shown = pattern.decode(errors="replace") if isinstance(pattern, bytes) else pattern
+        super().__init__(f"console never showed /{shown}/: {why}; last console lines:\n{last_lines}")

@@ -64,6 +64,16 @@ MAX_CPUS = 16  # the MP table lives in the 1 KiB below 640 KiB
 KICK_SIGNAL = signal.SIGUSR1
 FWAIT = b"\x9b"
 
+def _install_kick_handler() -> None:
+    """vCPU threads are kicked out of KVM_RUN with a signal; its handler must exist (or the
+    signal would kill the process), and only the main thread can install it. Importing
+    kvmm from the main thread does that once, so machines may run in any thread."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, None):
+        signal.signal(KICK_SIGNAL, lambda signum, frame: None)
+
+
+_install_kick_handler()
+
 PANIC_MARKER = b"Kernel panic - not syncing"
 INIT_RE = re.compile(rb"Run (\S+) as init process")
 
@@ -588,8 +598,9 @@ class Machine:
 
     # --- running -------------------------------------------------------------------------
     def start(self) -> None:
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(KICK_SIGNAL, lambda signum, frame: None)
+        _install_kick_handler()
+        if signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, None):
+            raise KvmmError("import kvmm from the main thread first: vCPU kicks need a signal handler")
         self.stats.started = time.monotonic()
         for vcpu in self.vm.vcpus:
             t = threading.Thread(target=self._vcpu_thread, args=(vcpu,), name=f"vcpu{vcpu.id}", daemon=True)
@@ -649,6 +660,7 @@ class Machine:
                     signal.signal(sig, handler)
                 signal.set_wakeup_fd(old_wakeup if old_wakeup is not None else -1)
             self.console.flush()
+            self.console.mark_ended(self._result.message if self._result else "kvmm stopped")
         assert self._result is not None
         return self._result
 
@@ -672,10 +684,48 @@ class Machine:
         if quit_requested:
             self.stop(VmResult(Outcome.INTERRUPTED, "quit from the console (Ctrl-A x)", signal=signal.SIGINT))
 
+    # --- background use (Python API) ------------------------------------------------------
+    def launch(self, timeout: float | None = None) -> None:
+        """Run the VM in a background thread (the I/O thread); returns at once."""
+        if self._io_thread is not None:
+            raise KvmmError("this machine was already launched")
+        self._io_thread = threading.Thread(target=self._run_in_background, args=(timeout,), name="kvmm-io", daemon=True)
+        self._io_thread.start()
+
+    _io_thread: threading.Thread | None = None
+
+    def _run_in_background(self, timeout: float | None) -> None:
+        try:
+            self.run(timeout)
+        except BaseException as exc:  # surfaces through wait()
+            self.stop(VmResult(Outcome.VMM_ERROR, f"kvmm failed: {exc!r}"))
+
+    def wait(self, timeout: float | None = None) -> VmResult:
+        """How the VM ended; raises TimeoutError if it still runs after ``timeout``."""
+        if self._io_thread is None:
+            raise KvmmError("this machine was not launched")
+        self._io_thread.join(timeout)
+        if self._io_thread.is_alive():
+            raise TimeoutError(f"the VM still runs after {timeout} s")
+        assert self._result is not None
+        return self._result
+
+    def send(self, text: str | bytes) -> None:
+        """Type ``text`` on the primary console."""
+        data = text.encode() if isinstance(text, str) else text
+        while data:
+            taken = self.input_device.receive(data)
+            data = data[taken:]
+            if data:
+                time.sleep(0.01)  # the guest has not drained its input yet
+
     def _on_signal(self, signum: int, frame: object) -> None:
         self.stop(VmResult(Outcome.INTERRUPTED, f"stopped by {signal.Signals(signum).name}", signal=signum))
 
     def close(self) -> None:
+        if self._io_thread is not None and self._io_thread.is_alive():
+            self.stop(VmResult(Outcome.INTERRUPTED, "the machine was closed", signal=signal.SIGTERM))
+            self._io_thread.join(timeout=10)
         for t in self._threads:
             if t.is_alive():
                 self._stopping = True
