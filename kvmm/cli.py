@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 
 from . import __version__
 from .errors import ConfigError, KvmmError
 from .memory import parse_size
-from .vm import DEFAULT_CMDLINE, EXIT_DEBUG_BASE, DiskConfig, Machine, NetConfig, Outcome, VmConfig
+from .vm import DEFAULT_CMDLINE, EXIT_DEBUG_BASE, DiskConfig, Machine, NetConfig, Outcome, VmConfig, VmResult
 
 LOG = logging.getLogger("kvmm")
 
@@ -57,13 +58,34 @@ def _stop_at_init(value: str) -> bool | None:
     return choices[value]
 
 
-def build_parser() -> argparse.ArgumentParser:
+SMOKE_EPILOG = """\
+exit status:
+  0   the expected output appeared
+  3   the guest kernel panicked first
+  4   a vCPU failed first
+  5   --timeout passed first
+  6   the guest ended (power-off, reset) without the expected output
+  1, 2, 10-14 as for kvmm itself
+
+a CI job (GitHub Actions):
+  - run: kvmm smoke --kernel vmlinux --disk root.img --cmdline "root=/dev/vda" \\
+           --expect 'login:|Run /sbin/init' --timeout 300
+"""
+
+EXIT_SMOKE_ENDED = 6
+
+
+def build_parser(prog: str = "kvmm", smoke: bool = False) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="kvmm",
-        description="Boot a Linux kernel in a KVM virtual machine, with its console on your terminal.",
-        epilog=EPILOG,
+        prog=prog,
+        description=("Boot a guest and wait for a console line: the one-line CI smoke boot." if smoke else
+                     "Boot a Linux kernel in a KVM virtual machine, with its console on your terminal. "
+                     "'kvmm smoke --help' for the CI smoke boot."),
+        epilog=SMOKE_EPILOG if smoke else EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    if smoke:
+        p.add_argument("--expect", required=True, metavar="REGEX", help="the console line (a regex) that means success")
     p.add_argument("--kernel", required=True, metavar="PATH", help="kernel image: ELF vmlinux or bzImage (x86-64)")
     p.add_argument("--initrd", metavar="PATH", help="initial ramdisk (e.g. a gzip cpio archive)")
     p.add_argument("--disk", action="append", default=[], metavar="PATH[,ro][,serial=ID]",
@@ -80,8 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-rng", dest="rng", action="store_false", help="no virtio-rng device")
     p.add_argument("--stop-at-init", type=_stop_at_init, default=None, metavar="auto|yes|no",
                    help="end the VM when the kernel starts init (default auto: only where guest user space cannot run)")
-    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
-                   help="end the VM (exit status 5) if it still runs after SECONDS")
+    p.add_argument("--timeout", type=float, default=300.0 if smoke else None, metavar="SECONDS",
+                   help="end the VM (exit status 5) if it still runs after SECONDS" + (" (default 300)" if smoke else ""))
     p.add_argument("--stats", action="store_true", help="print the exits to kvmm by reason when the VM ends")
     p.add_argument("--no-exitless", dest="exitless", action="store_false",
                    help="serve queue notifies as VM exits and INTx by KVM_IRQ_LINE (for comparison)")
@@ -93,7 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    smoke = bool(argv) and argv[0] == "smoke"
+    args = build_parser("kvmm smoke" if smoke else "kvmm", smoke).parse_args(argv[1:] if smoke else argv)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="kvmm: %(message)s", stream=sys.stderr)
     try:
@@ -107,13 +131,21 @@ def main(argv: list[str] | None = None) -> int:
             console_device=args.console[0],
             console_path=args.console[1],
             rng=args.rng,
-            stop_at_init=args.stop_at_init,
+            stop_at_init=args.stop_at_init if not smoke or args.stop_at_init is not None else False,
             disks=[DiskConfig.parse(spec) for spec in args.disk],
             nets=[NetConfig.parse(spec) for spec in args.net],
             exitless=args.exitless,
             msix=args.msix,
         )
         with Machine(config) as machine:
+            if smoke:
+                expected = re.compile(args.expect.encode())
+
+                def watch(line: bytes) -> None:
+                    if expected.search(line):
+                        machine.stop(VmResult(Outcome.EXPECTED, f"the console showed /{args.expect}/"))
+
+                machine.console.listeners.insert(0, watch)  # type: ignore[union-attr]
             result = machine.run(timeout=args.timeout)
             exits = machine.exit_report()
     except ConfigError as exc:
@@ -123,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kvmm: error: {exc}", file=sys.stderr)
         return exc.exit_status
     status = result.exit_status
+    if smoke and result.outcome in (Outcome.POWEROFF, Outcome.RESET, Outcome.INIT_REACHED, Outcome.DEBUG_EXIT):
+        print(f"kvmm: error: the guest ended without showing /{args.expect}/: {result.message}", file=sys.stderr)
+        return EXIT_SMOKE_ENDED
     if result.outcome in (Outcome.VCPU_ERROR, Outcome.VMM_ERROR, Outcome.PANIC, Outcome.TIMEOUT):
         print(f"\nkvmm: error: {result.message}", file=sys.stderr)
     else:

@@ -88,6 +88,7 @@ class Outcome(enum.Enum):
     VMM_ERROR = "vmm-error"
     INTERRUPTED = "interrupted"
     TIMEOUT = "timeout"
+    EXPECTED = "expected-output"  # kvmm smoke: the expected console line appeared
 
 
 # Exit statuses of the kvmm command (documented in the README).
@@ -108,7 +109,7 @@ class VmResult:
 
     @property
     def exit_status(self) -> int:
-        if self.outcome in (Outcome.POWEROFF, Outcome.RESET, Outcome.INIT_REACHED):
+        if self.outcome in (Outcome.POWEROFF, Outcome.RESET, Outcome.INIT_REACHED, Outcome.EXPECTED):
             return EXIT_OK
         if self.outcome is Outcome.PANIC:
             return EXIT_PANIC

@@ -227,3 +227,21 @@ def test_network_virtio_console_and_rng(kernel_dir: Path, spin_rootfs: Path, tmp
     assert int(stats["rng_requests"]) > 0  # the kernel's hwrng core read virtio-rng
     assert int(stats["virtio_console_bytes_out"]) == int(stats["console_bytes"]) > 1000
     assert int(stats["net0_rx_frames"]) >= 5 and int(stats["net0_tx_frames"]) >= 5
+
+
+@pytest.mark.parametrize(
+    "initrd,expect,timeout,status",
+    [
+        (True, r"Run /init as init process", BOOT_TIMEOUT, 0),
+        (True, r"never printed", 5, 5),  # timeout
+        (False, r"never printed", BOOT_TIMEOUT, 3),  # no root file system: panic
+    ],
+)
+def test_smoke_against_the_guest_kernel(kernel_dir: Path, busybox_initramfs: Path, initrd: bool, expect: str,
+                                        timeout: int, status: int) -> None:
+    args = [sys.executable, "-m", "kvmm", "smoke", "--kernel", str(kernel_dir / "vmlinux"), "--mem", "256M",
+            "--console", "file:/dev/null", "--expect", expect, "--timeout", str(timeout)]
+    if initrd:
+        args += ["--initrd", str(busybox_initramfs)]
+    res = subprocess.run(args, capture_output=True, timeout=BOOT_TIMEOUT + 60, cwd=ROOT)
+    assert res.returncode == status, res.stderr.decode()[-2000:]
