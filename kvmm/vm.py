@@ -75,6 +75,9 @@ def _install_kick_handler() -> None:
 _install_kick_handler()
 
 PANIC_MARKER = b"Kernel panic - not syncing"
+# Console lines that mark the phases of a Linux boot (Machine.boot_times()).
+MILESTONES = (("kernel_start", b"Linux version "), ("root_mounted", b"VFS: Mounted root"),
+              ("init_started", b" as init process"))
 INIT_RE = re.compile(rb"Run (\S+) as init process")
 
 
@@ -174,6 +177,25 @@ class NetConfig:
         return cls(tap, mac)
 
 
+def config_from_options(kernel: str, *, initrd: str | None = None, cmdline: str = "", mem: int | str = "512M",
+                        cpus: int = 1, disks: list[str | DiskConfig] | None = None, nets: list[str | NetConfig] | None = None,
+                        console: str = "serial", console_file: str | None = None, hugepages: bool = False,
+                        stop_at_init: bool | None = None, rng: bool = True, msix: bool = True, exitless: bool = True,
+                        stdin: bool = False) -> "VmConfig":
+    """A :class:`VmConfig` from the command line's options as keyword arguments:
+    ``mem="256M"``, ``disks=["root.img", "data.img,ro"]``, ``nets=["tap=tap0"]``..."""
+    from .memory import parse_size
+
+    return VmConfig(
+        kernel=str(kernel), initrd=None if initrd is None else str(initrd), cmdline=cmdline,
+        mem_size=parse_size(mem) if isinstance(mem, str) else int(mem), cpus=cpus, hugepages=hugepages,
+        console_device=console, console_path=console_file, stdin=stdin, stop_at_init=stop_at_init,
+        disks=[d if isinstance(d, DiskConfig) else DiskConfig.parse(str(d)) for d in disks or []],
+        nets=[n if isinstance(n, NetConfig) else NetConfig.parse(n) for n in nets or []],
+        rng=rng, msix=msix, exitless=exitless,
+    )
+
+
 PCI_IRQ_BASE = 16  # IOAPIC inputs 16-23 carry PCI INTA of slots 1, 2, ...
 PCI_IRQ_COUNT = 8
 
@@ -243,7 +265,13 @@ class IrqfdLine:
 class Machine:
     """A configured VM, ready to :meth:`run` once; :meth:`close` frees everything."""
 
-    def __init__(self, config: VmConfig) -> None:
+    def __init__(self, config: VmConfig | None = None, **options: object) -> None:
+        """``Machine(VmConfig(...))``, or the command line's options as keywords:
+        ``Machine(kernel="vmlinux", disks=["root.img"], mem="256M", cmdline="root=/dev/vda")``."""
+        if config is None:
+            config = config_from_options(**options)  # type: ignore[arg-type]
+        elif options:
+            raise ConfigError("give either a VmConfig or keyword options, not both")
         if not 1 <= config.cpus <= MAX_CPUS:
             raise ConfigError(f"--cpus must be between 1 and {MAX_CPUS}, not {config.cpus}")
         self.config = config
@@ -257,6 +285,9 @@ class Machine:
         self._kvm: Kvm | None = None
         self.disks: list[RawDisk] = []
         self.taps: list[Tap] = []
+        self.markers: list[tuple[int, float]] = []
+        self.milestones: dict[str, float] = {}
+        self._markers_cond = threading.Condition()
         self.loop = EventLoop()
         self.mem: GuestMemory | None = None
         self.console: ConsoleOutput | None = None
@@ -319,7 +350,7 @@ class Machine:
         self.i8042 = I8042(lambda: self.stop(self._guest_reset("guest reset through the i8042")))
         pio.register(0x60, 5, self.i8042)
         pio.register(0x70, 2, Cmos())
-        self.post = PostCode()
+        self.post = PostCode(self._marker)
         pio.register(POST_PORT, 1, self.post)
         pio.register(DEBUG_EXIT_PORT, 1, DebugExit(self._debug_exit))
 
@@ -446,10 +477,38 @@ class Machine:
                     pass
         self._done.set()
 
+    # --- boot markers -------------------------------------------------------------------
+    def _marker(self, value: int) -> None:
+        """A guest write to port 0x80: recorded with the time since start (boot markers)."""
+        with self._markers_cond:
+            self.markers.append((value, time.monotonic() - self.stats.started))
+            self._markers_cond.notify_all()
+
+    def wait_marker(self, value: int, timeout: float) -> float:
+        """Wait until the guest writes ``value`` to port 0x80; returns the seconds from the
+        VM's start to that write. Raises TimeoutError."""
+        deadline = time.monotonic() + timeout
+        with self._markers_cond:
+            while True:
+                for v, t in self.markers:
+                    if v == value:
+                        return t
+                left = deadline - time.monotonic()
+                if left <= 0 or self._done.is_set():
+                    raise TimeoutError(f"the guest did not write marker {value:#x} to port 0x80 within {timeout:g} s")
+                self._markers_cond.wait(min(left, 0.1))
+
+    def boot_times(self) -> dict[str, float]:
+        """Seconds from the VM's start to the Linux boot milestones seen on the console."""
+        return dict(self.milestones)
+
     def _debug_exit(self, value: int) -> None:
         self.stop(VmResult(Outcome.DEBUG_EXIT, f"guest wrote {value:#x} to the debug-exit port", debug_value=value))
 
     def _watch_console(self, line: bytes) -> None:
+        for name, marker in MILESTONES:
+            if name not in self.milestones and marker in line:
+                self.milestones[name] = time.monotonic() - self.stats.started
         at = line.find(PANIC_MARKER)
         if at >= 0:  # keep the message, not the printk timestamp before it
             self._panicked = line[at:].decode(errors="replace").strip()

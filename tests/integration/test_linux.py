@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from kvmm.loader.bzimage import parse_bzimage
-from kvmm.vm import Machine, Outcome, VmConfig
+from kvmm.vm import Outcome
 
 pytestmark = [pytest.mark.kvm, pytest.mark.linux]
 
@@ -45,31 +45,26 @@ def assert_in_order(log: str, patterns: list[str]) -> None:
         pos = m.end()
 
 
-def test_vmlinux_boots_to_init(kernel_dir: Path, busybox_initramfs: Path, tmp_path: Path) -> None:
-    console = tmp_path / "console.log"
-    cfg = VmConfig(kernel=str(kernel_dir / "vmlinux"), initrd=str(busybox_initramfs), mem_size=512 << 20,
-                   console_path=str(console), stdin=False)
-    with Machine(cfg) as m:
-        if m.host.userspace_works:
-            # Hardware KVM: the busybox shell comes up; leave it the way a user would.
-            def answer(line: bytes) -> None:
-                if b"user space is up" in line:
-                    m.serial.receive(b"reboot -f\n")
-
-            m.console.listeners.append(answer)  # type: ignore[union-attr]
-        result = m.run(timeout=BOOT_TIMEOUT)
-        log = console.read_text(errors="replace")
-        assert_in_order(log, MILESTONES)
-        assert "Kernel panic" not in log
-        if m.host.userspace_works:
-            assert "kvmm-guest: user space is up" in log
-            assert result.outcome is Outcome.RESET, result
-        else:
-            assert result.outcome is Outcome.INIT_REACHED, result
-            assert "/init" in result.message and "cannot make system calls" in result.message
-        assert result.exit_status == 0
-        assert m.stats.init_seconds is not None
-        print(f"\nkernel reached init {m.stats.init_seconds:.1f} s after start on {m.host.name}; exits {dict(m.stats.exits)}")
+def test_vmlinux_boots_to_init(kernel_dir: Path, busybox_initramfs: Path, kvmm_machine) -> None:  # type: ignore[no-untyped-def]
+    m = kvmm_machine(kernel=kernel_dir / "vmlinux", initrd=busybox_initramfs, mem="512M", timeout=BOOT_TIMEOUT)
+    m.console.expect(r"Run /init as init process", BOOT_TIMEOUT)
+    if m.host.userspace_works:
+        # Hardware KVM: the busybox shell comes up; leave it the way a user would.
+        m.console.expect(r"user space is up", 60)
+        m.send("reboot -f\n")
+    result = m.wait(60)
+    log = m.console.transcript.decode(errors="replace")
+    assert_in_order(log, MILESTONES)
+    assert "Kernel panic" not in log
+    if m.host.userspace_works:
+        assert result.outcome is Outcome.RESET, result
+    else:
+        assert result.outcome is Outcome.INIT_REACHED, result
+        assert "/init" in result.message and "cannot make system calls" in result.message
+    assert result.exit_status == 0
+    times = m.boot_times()
+    assert 0 < times["kernel_start"] < times["init_started"]
+    print(f"\nboot milestones (s from start) on {m.host.name}: {times}; exits {dict(m.stats.exits)}")
 
 
 def test_panic_is_recognisable_from_exit_status(kernel_dir: Path, tmp_path: Path) -> None:
@@ -84,17 +79,16 @@ def test_panic_is_recognisable_from_exit_status(kernel_dir: Path, tmp_path: Path
     assert "kvmm: error: guest kernel panic: Kernel panic - not syncing" in res.stderr.decode()
 
 
-def test_bzimage_is_entered_at_its_64bit_entry_point(kernel_dir: Path) -> None:
+def test_bzimage_is_entered_at_its_64bit_entry_point(kernel_dir: Path, kvmm_machine) -> None:  # type: ignore[no-untyped-def]
     # The decompressor runs in KVM's emulator on software-nested hosts (minutes before any
     # output), so this checks the bzImage path up to and shortly after its entry point.
     image = kernel_dir / "bzImage"
     hdr = parse_bzimage(image.read_bytes())
-    cfg = VmConfig(kernel=str(image), mem_size=256 << 20, console_path="/dev/null", stdin=False)
-    with Machine(cfg) as m:
-        assert m.boot.kind == "bzImage" and m.boot.entry == 0x100000 + 0x200
-        result = m.run(timeout=5)
-        regs = m.vm.vcpus[0].get_regs()
-        sregs = m.vm.vcpus[0].get_sregs()
+    m = kvmm_machine(kernel=image, mem="256M", timeout=5)
+    assert m.boot.kind == "bzImage" and m.boot.entry == 0x100000 + 0x200
+    result = m.wait(60)
+    regs = m.vm.vcpus[0].get_regs()
+    sregs = m.vm.vcpus[0].get_sregs()
     if result.outcome is not Outcome.TIMEOUT:
         # Fast hardware boots all the way in 5 s and panics for want of a root file system.
         assert result.outcome in (Outcome.PANIC, Outcome.RESET), result
@@ -115,23 +109,19 @@ def spin_rootfs(tmp_path: Path) -> Path:
     return out
 
 
-def boot_until_init(kernel_dir: Path, tmp_path: Path, disks: list, cmdline: str, cpus: int = 1) -> tuple[str, object, dict]:  # type: ignore[type-arg]
-    from kvmm.vm import DiskConfig
-
-    console = tmp_path / "console.log"
-    cfg = VmConfig(kernel=str(kernel_dir / "vmlinux"), mem_size=256 << 20, cmdline=cmdline, console_path=str(console),
-                   stdin=False, stop_at_init=True, cpus=cpus, disks=[DiskConfig(*d) for d in disks])
-    with Machine(cfg) as m:
-        result = m.run(timeout=BOOT_TIMEOUT)
-        report = m.exit_report()
-    print(f"\nexits: {report}")
-    return console.read_text(errors="replace"), result, report
+def boot_until_init(kvmm_machine, kernel_dir: Path, disks: list[str], cmdline: str, cpus: int = 1) -> tuple[str, object, dict]:  # type: ignore[no-untyped-def,type-arg]
+    m = kvmm_machine(kernel=kernel_dir / "vmlinux", mem="256M", cmdline=cmdline, cpus=cpus, disks=disks,
+                     stop_at_init=True, timeout=BOOT_TIMEOUT)
+    result = m.wait(BOOT_TIMEOUT + 30)
+    report = m.exit_report()
+    print(f"\nexits: {report}; boot milestones: {m.boot_times()}")
+    return m.console.transcript.decode(errors="replace"), result, report
 
 
-def test_root_on_virtio_blk_with_two_cpus_and_msix(kernel_dir: Path, spin_rootfs: Path, tmp_path: Path) -> None:
+def test_root_on_virtio_blk_with_two_cpus_and_msix(kernel_dir: Path, spin_rootfs: Path, tmp_path: Path, kvmm_machine) -> None:  # type: ignore[no-untyped-def]
     extra = tmp_path / "extra.img"
     extra.write_bytes(b"\0" * (3 << 20))
-    log, result, report = boot_until_init(kernel_dir, tmp_path, [(str(spin_rootfs), False), (str(extra), True)],
+    log, result, report = boot_until_init(kvmm_machine, kernel_dir, [str(spin_rootfs), f"{extra},ro"],
                                           "root=/dev/vda rw", cpus=2)
     assert_in_order(log, [
         r"Processor #1",
@@ -148,11 +138,11 @@ def test_root_on_virtio_blk_with_two_cpus_and_msix(kernel_dir: Path, spin_rootfs
     assert report["queue_notify_exits"] == 0 and report["queue_notify_ioeventfd"] > 0
 
 
-def test_read_only_disk_with_intx(kernel_dir: Path, spin_rootfs: Path, tmp_path: Path) -> None:
+def test_read_only_disk_with_intx(kernel_dir: Path, spin_rootfs: Path, kvmm_machine) -> None:  # type: ignore[no-untyped-def]
     # The kernel is asked for a read-write root; VIRTIO_BLK_F_RO makes it fall back to r/o.
     # pci=nomsi makes the guest use INTx (IOAPIC pin 16 through the MP table).
     before = spin_rootfs.read_bytes()
-    log, result, report = boot_until_init(kernel_dir, tmp_path, [(str(spin_rootfs), True)], "root=/dev/vda rw pci=nomsi")
+    log, result, report = boot_until_init(kvmm_machine, kernel_dir, [f"{spin_rootfs},ro"], "root=/dev/vda rw pci=nomsi")
     assert_in_order(log, [
         r"virtio-pci 0000:00:01\.0: PCI->APIC IRQ transform: INT A -> IRQ 16",
         r"virtio_blk virtio0: \[vda\] 131072 512-byte logical blocks",

@@ -1,0 +1,88 @@
+"""pytest plugin: VMs as fixtures (registered through the ``pytest11`` entry point).
+
+- ``kvmm_machine``: a factory; ``kvmm_machine(kernel=..., disks=[...], ...)`` takes the
+  command line's options as keywords, launches the VM in the background and returns the
+  :class:`kvmm.Machine`. Every VM is stopped and closed when the test ends; its console
+  log is kept in the test's tmp_path and attached to the report of a failing test.
+- ``--kvmm-kernel`` / ``--kvmm-disk`` give defaults for ``kernel`` and ``disks``.
+- ``@pytest.mark.kvm``: the test needs /dev/kvm and is skipped, with the reason, where it
+  is missing or not accessible.
+Nothing is shared between tests, so it works under pytest-xdist (each test its own VMs,
+logs under its own tmp_path, no fixed ports or paths).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from .vm import Machine, config_from_options
+
+
+def kvm_unavailable_reason(device: str = "/dev/kvm") -> str | None:
+    if not os.path.exists(device):
+        return f"{device} does not exist on this host"
+    if not os.access(device, os.R_OK | os.W_OK):
+        return f"{device} is not accessible to this user"
+    return None
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("kvmm", "kvmm virtual machines")
+    group.addoption("--kvmm-kernel", default=None, help="default guest kernel for kvmm_machine")
+    group.addoption("--kvmm-disk", action="append", default=[], help="default disk(s) for kvmm_machine (repeatable)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "kvm: needs /dev/kvm (skipped with the reason where it is absent)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    reason = kvm_unavailable_reason()
+    if reason is None:
+        return
+    for item in items:
+        if "kvm" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=f"needs KVM: {reason}"))
+
+
+@pytest.fixture
+def kvmm_machine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., Machine]]:
+    machines: list[tuple[Machine, Path]] = []
+    opts = request.config.option
+
+    def make(launch: bool = True, timeout: float | None = None, **options: Any) -> Machine:
+        if "kernel" not in options:
+            if not opts.kvmm_kernel:
+                raise pytest.UsageError("kvmm_machine needs kernel=... or --kvmm-kernel")
+            options["kernel"] = opts.kvmm_kernel
+        if "disks" not in options and opts.kvmm_disk:
+            options["disks"] = list(opts.kvmm_disk)
+        log = tmp_path / f"console-{len(machines)}.log"
+        options.setdefault("console_file", str(log))
+        m = Machine(config_from_options(**options))
+        machines.append((m, Path(options["console_file"])))
+        if launch:
+            m.launch(timeout)
+        return m
+
+    request.node._kvmm_machines = machines  # for the report hook below
+    yield make
+    for m, _ in machines:
+        m.close()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:  # type: ignore[type-arg]
+    """Attach every VM's console log to the report of a failing test."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call" and report.failed:
+        for i, (m, log) in enumerate(getattr(item, "_kvmm_machines", [])):
+            if m.console is not None:
+                m.console.flush()
+            if log.exists():
+                report.sections.append((f"kvmm console {i} ({log})", log.read_text(errors="replace")[-20000:]))
