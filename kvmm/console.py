@@ -118,6 +118,14 @@ class ConsoleOutput:
                     raise ConsoleTimeout(regex.pattern, why, self.tail(20))
                 self._cond.wait(left)
 
+    send_input: Callable[[bytes], None] | None = None  # set by the machine
+
+    def send(self, text: str | bytes) -> None:
+        """Type ``text`` on the guest's console (its primary console device)."""
+        if self.send_input is None:
+            raise RuntimeError("this console has no input")
+        self.send_input(text.encode() if isinstance(text, str) else text)
+
     def mark_ended(self, why: str) -> None:
         with self._cond:
             self.ended = why

@@ -374,6 +374,7 @@ class Machine:
             self._add_virtio(self.rng)
         # Host input goes to the primary console.
         self.input_device: Serial8250 | VirtioConsole = self.virtio_console or self.serial
+        self.console.send_input = self.send
         mem.write(bp.EBDA_START, x86.build_mptable(cfg.cpus, pci_irqs=self._pci_irqs))
 
         supported = kvm.supported_cpuid()

@@ -32,7 +32,7 @@ def test_launch_expect_send_wait(guests) -> None:  # type: ignore[no-untyped-def
     with machine(guests, "serial_echo") as m:
         m.launch(timeout=60)
         m.console.expect(r"ready", timeout=30)  # type: ignore[union-attr]
-        m.send("shout\n")
+        m.console.send("shout\n")  # type: ignore[union-attr]
         assert m.console.expect(rb"SHOUT", timeout=30).group(0) == b"SHOUT"  # type: ignore[union-attr]
         result = m.wait(timeout=30)
     assert result.outcome is Outcome.DEBUG_EXIT and result.debug_value == 0
