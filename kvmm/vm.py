@@ -437,6 +437,9 @@ class Machine:
         self.loop.call_soon(lambda: self.loop.add_reader(fd, ready))
         return fd
 
+    def defer(self, callback: Callable[[], None]) -> None:
+        self.loop.call_soon(callback)
+
     def remove_ioeventfd(self, fd: int, port: int, datamatch: int) -> None:
         try:
             self.vm.ioeventfd(fd, port, 2, datamatch=datamatch, deassign=True)

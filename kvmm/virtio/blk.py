@@ -227,9 +227,10 @@ class VirtioBlk(DeviceBase):
         return struct.pack("<QIIHBBI", self.disk.sectors, SIZE_MAX, QUEUE_SIZE - 2, 0, 0, 0, SECTOR_SIZE)
 
 
-    def process_queue(self, index: int) -> None:
+    def process_queue(self, index: int) -> bool:
         if index == 0 and self.queues and self.interrupt is not None:
-            serve_queue(self.queues[0], 0, self.interrupt, f"virtio-blk {self.disk.path}", self.execute, self.log.warning)
+            return serve_queue(self.queues[0], 0, self.interrupt, f"virtio-blk {self.disk.path}", self.execute, self.log.warning)
+        return False
 
     def execute(self, chain: Chain) -> int:
         """Run one request; returns the number of bytes written to guest memory."""

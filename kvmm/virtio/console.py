@@ -57,13 +57,14 @@ class VirtioConsole(DeviceBase):
         return len(taken)
 
     # --- guest side ---------------------------------------------------------------------
-    def process_queue(self, index: int) -> None:
+    def process_queue(self, index: int) -> bool:
         if not self.queues or self.interrupt is None:
-            return
+            return False
         if index == TX_QUEUE:
-            serve_queue(self.queues[TX_QUEUE], TX_QUEUE, self.interrupt, "virtio-console", self._transmit)
-        elif index == RX_QUEUE:
+            return serve_queue(self.queues[TX_QUEUE], TX_QUEUE, self.interrupt, "virtio-console", self._transmit)
+        if index == RX_QUEUE:
             self._deliver()  # the driver posted receive buffers
+        return False
 
     def _transmit(self, chain: Chain) -> int:
         budget = MAX_TX_CHAIN
@@ -96,24 +97,4 @@ class VirtioConsole(DeviceBase):
             # A chain at a time, while input lasts: the rest of the posted buffers stay
             # for later input.
             while self.backlog and q.has_available():
-                serve_queue(_OneChain(q), RX_QUEUE, self.interrupt, "virtio-console", fill)  # type: ignore[arg-type]
-
-
-class _OneChain:
-    """A view of a queue that yields at most one chain (then reports it empty)."""
-
-    def __init__(self, q: Queue) -> None:
-        self.q = q
-        self.taken = False
-
-    def pop(self) -> Chain | None:
-        if self.taken:
-            return None
-        self.taken = True
-        return self.q.pop()
-
-    def push_used(self, head: int, length: int) -> None:
-        self.q.push_used(head, length)
-
-    def needs_interrupt(self) -> bool:
-        return self.q.needs_interrupt()
+                serve_queue(q, RX_QUEUE, self.interrupt, "virtio-console", fill, budget=1)

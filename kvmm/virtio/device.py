@@ -63,8 +63,8 @@ class VirtioDevice(Protocol):
     def activate(self, queues: list[Queue], features: int, interrupt: Interrupt) -> None:
         """The driver set DRIVER_OK with ``features`` acknowledged."""
 
-    def process_queue(self, index: int) -> None:
-        """The driver notified queue ``index``."""
+    def process_queue(self, index: int) -> bool | None:
+        """The driver notified queue ``index``. True: work is left for a later turn."""
 
     def reset(self) -> None:
         """The driver wrote 0 to the status register."""
@@ -95,15 +95,18 @@ class DeviceBase:
 
 
 def serve_queue(q: Queue, index: int, interrupt: Interrupt, name: str, handle: Callable[[Chain], int],
-                log: Callable[..., None] | None = None) -> int:
-    """Complete every available chain of ``q`` with ``handle(chain)`` bytes written.
+                log: Callable[..., None] | None = None, budget: int | None = None) -> bool:
+    """Complete available chains of ``q`` with ``handle(chain)`` bytes written, at most
+    ``budget`` of them (default: the queue size) so one busy queue cannot starve the rest.
 
     The two tiers of guest error (queue.py): a malformed chain completes with length 0 and
     the device goes on; an impossible ring marks the device as needing reset. The driver
-    gets one interrupt for the batch, if it wants one. Returns the chains completed."""
+    gets one interrupt for the batch, if it wants one. Returns True if chains are left
+    for a later turn (the transport schedules one)."""
     warn = log or LOG.warning
     done = 0
-    while True:
+    limit = q.size if budget is None else budget
+    while done < limit:
         try:
             chain = q.pop()
         except ChainError as exc:
@@ -120,4 +123,4 @@ def serve_queue(q: Queue, index: int, interrupt: Interrupt, name: str, handle: C
         done += 1
     if done and q.needs_interrupt():
         interrupt.signal_used(index)
-    return done
+    return done >= limit and q.has_available()

@@ -135,14 +135,15 @@ class VirtioNet(DeviceBase):
             self.loop.call_soon(lambda: self.loop.remove_reader(fd))
 
     # --- guest side ---------------------------------------------------------------------
-    def process_queue(self, index: int) -> None:
+    def process_queue(self, index: int) -> bool:
         if not self.queues or self.interrupt is None:
-            return
+            return False
         if index == TX_QUEUE:
-            serve_queue(self.queues[TX_QUEUE], TX_QUEUE, self.interrupt, "virtio-net tx", self._transmit)
-        elif index == RX_QUEUE:
+            return serve_queue(self.queues[TX_QUEUE], TX_QUEUE, self.interrupt, "virtio-net tx", self._transmit)
+        if index == RX_QUEUE:
             self._poll_tap(True)  # the driver posted receive buffers: read the tap again
             self._receive()
+        return False
 
     def _transmit(self, chain: Chain) -> int:
         frame = chain.readable

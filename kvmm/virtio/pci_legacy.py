@@ -71,6 +71,9 @@ class NotifyHost(Protocol):
 
     def remove_ioeventfd(self, fd: int, port: int, datamatch: int) -> None: ...
 
+    def defer(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` on the I/O thread after what is already waiting there."""
+
 
 class VirtioPciLegacy(PciDevice):
     """One virtio device behind the legacy PCI register block."""
@@ -281,10 +284,12 @@ class VirtioPciLegacy(PciDevice):
                     if q.ready:
                         self._attach_notify(index)
 
-    def _notify_event(self, index: int) -> None:
-        """An ioeventfd fired: the guest kicked queue ``index`` without a VM exit."""
+    def _notify_event(self, index: int, kicked: bool = True) -> None:
+        """An ioeventfd fired (the guest kicked queue ``index`` without a VM exit), or a
+        deferred turn of a queue with work left."""
         with self.lock:
-            self.notify_events += 1
+            if kicked:
+                self.notify_events += 1
             self._notify(index)
 
     def _set_status(self, value: int) -> None:
@@ -310,4 +315,9 @@ class VirtioPciLegacy(PciDevice):
             return
         if not self.activated or self.status & vd.STATUS_DEVICE_NEEDS_RESET or not self.queues[index].ready:
             return
-        self.device.process_queue(index)
+        while self.device.process_queue(index):
+            # The device stopped at its budget with work left: with an I/O thread, give
+            # other devices a turn first; in a vCPU exit there is no one else to wait for.
+            if self.notify_host is not None:
+                self.notify_host.defer(lambda: self._notify_event(index, kicked=False))
+                return

@@ -31,9 +31,10 @@ class VirtioRng(DeviceBase):
         self.bytes_served = 0
         self.requests = 0
 
-    def process_queue(self, index: int) -> None:
+    def process_queue(self, index: int) -> bool:
         if index == 0 and self.queues and self.interrupt is not None:
-            serve_queue(self.queues[0], 0, self.interrupt, "virtio-rng", self._fill)
+            return serve_queue(self.queues[0], 0, self.interrupt, "virtio-rng", self._fill)
+        return False
 
     def _fill(self, chain: Chain) -> int:
         budget = MAX_REQUEST

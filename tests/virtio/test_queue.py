@@ -307,3 +307,23 @@ def test_any_ring_content_terminates_with_documented_outcomes(
     else:
         pytest.fail("pop() kept returning chains past the queue size")
     assert outcomes <= SIZE
+
+
+def test_serve_queue_stops_at_its_budget_and_says_work_is_left(driver: MockQueue, queue: Queue) -> None:
+    # One busy queue may not starve the others: a turn completes at most `budget` chains.
+    from kvmm.virtio.device import serve_queue
+
+    class Irq:
+        lock = None
+        signals: list[int] = []
+
+        def signal_used(self, index: int) -> None:
+            self.signals.append(index)
+
+    heads = [driver.build_chain([(driver.alloc(4), 4, True)]) for _ in range(10)]
+    driver.publish(*heads)
+    irq = Irq()
+    assert serve_queue(queue, 0, irq, "test", lambda chain: 4, budget=4) is True  # type: ignore[arg-type]
+    assert [h for h, _ in driver.take_used()] == heads[:4]
+    assert serve_queue(queue, 0, irq, "test", lambda chain: 4, budget=8) is False  # type: ignore[arg-type]
+    assert [h for h, _ in driver.take_used()] == heads[4:]
