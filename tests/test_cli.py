@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import os
 from pathlib import Path
 
 import pytest
@@ -111,3 +112,61 @@ def test_help_and_version() -> None:
 def test_missing_required_kernel_option() -> None:
     res = run_kvmm()
     assert res.returncode == 2 and b"--kernel" in res.stderr
+
+
+def test_missing_disk(tmp_path: Path, guests) -> None:  # type: ignore[no-untyped-def]
+    res = run_kvmm("--kernel", str(guests("serial_hello")), "--disk", str(tmp_path / "nope.img"))
+    assert res.returncode == 11 and error_lines(res) == [f"kvmm: error: disk {str(tmp_path / 'nope.img')!r} does not exist"]
+
+
+def test_disk_in_use_by_another_kvmm(tmp_path: Path, guests) -> None:  # type: ignore[no-untyped-def]
+    import subprocess, sys
+
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(1 << 20))
+    first = subprocess.Popen([sys.executable, "-m", "kvmm", "--kernel", str(guests("hang")), "--mem", "64M",
+                              "--disk", str(disk)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    try:
+        assert first.stdout is not None and first.stdout.readline() == b"hanging\n"  # holds the lock now
+        res = run_kvmm("--kernel", str(guests("serial_hello")), "--disk", str(disk))
+        assert res.returncode == 11
+        assert error_lines(res) == [f"kvmm: error: disk {str(disk)!r} is in use by another process (it holds the image's lock)"]
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_disk_read_only_on_the_host_but_requested_read_write(tmp_path: Path, guests) -> None:  # type: ignore[no-untyped-def]
+    import shutil, subprocess
+
+    disk = tmp_path / "ro.img"
+    disk.write_bytes(bytes(1 << 20))
+    disk.chmod(0o444)
+    immutable = os.geteuid() == 0  # root may write a 0444 file; not an immutable one
+    if immutable:
+        if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(disk)]).returncode != 0:
+            pytest.skip("running as root and chattr +i is unavailable here, so no file is read-only to us")
+    try:
+        res = run_kvmm("--kernel", str(guests("serial_hello")), "--disk", str(disk))
+        assert res.returncode == 11, res.stderr.decode()
+        assert error_lines(res) == [f"kvmm: error: disk {str(disk)!r} cannot be opened read-write (add ,ro to open it read-only): permission denied"]
+        res = run_kvmm("-q", "--kernel", str(guests("serial_hello")), "--disk", f"{disk},ro")
+        assert res.returncode == 64 + 42  # read-only is fine
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(disk)])
+
+
+@pytest.mark.parametrize("spec", ["ro", "x.img,bogus", ",ro"])
+def test_bad_disk_option(spec: str, guests) -> None:  # type: ignore[no-untyped-def]
+    res = run_kvmm("--kernel", str(guests("serial_hello")), f"--disk={spec}")
+    assert res.returncode in (2, 11)
+    assert len(error_lines(res)) == 1 and error_lines(res)[0].startswith("kvmm: error:")
+
+
+@pytest.mark.parametrize("spec,status", [("tap=", 2), ("mac=52:54:00:00:00:01", 2), ("tap=t0,mac=zz", 2),
+                                         ("tap=name-longer-than-15", 14)])
+def test_bad_net_option(spec: str, status: int, guests) -> None:  # type: ignore[no-untyped-def]
+    res = run_kvmm("--kernel", str(guests("serial_hello")), f"--net={spec}")
+    assert res.returncode == status, res.stderr.decode()
+    assert len(error_lines(res)) == 1 and error_lines(res)[0].startswith("kvmm: error:")

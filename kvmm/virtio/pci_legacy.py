@@ -216,6 +216,7 @@ class VirtioPciLegacy(PciDevice):
             return value
 
     def pio_write(self, offset: int, size: int, value: int) -> None:
+        value &= (1 << (8 * size)) - 1
         with self.lock:
             cfg = self._config_offset()
             if offset >= cfg:
