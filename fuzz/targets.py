@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import struct
 import sys
 import tempfile
 from pathlib import Path
