@@ -36,3 +36,16 @@ def test_user_parameter_replaces_default_of_same_key() -> None:
 def test_user_can_override_a_workaround() -> None:
     line = build_cmdline("lpj=5000000", (), PVM.extra_cmdline).split()
     assert "lpj=1000000" not in line and "lpj=5000000" in line
+
+
+def test_guest_triggered_warnings_are_rate_limited(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from kvmm.ratelimit import RateLimitedLog
+
+    log = RateLimitedLog(logging.getLogger("kvmm.test"), burst=3, period=60)
+    with caplog.at_level(logging.WARNING, logger="kvmm.test"):
+        for i in range(100):
+            log.warning("bad request %d", i)
+    assert [r.getMessage() for r in caplog.records] == ["bad request 0", "bad request 1", "bad request 2"]
+    assert log.dropped == 97

@@ -16,10 +16,10 @@ import fcntl
 import logging
 import os
 import struct
-import time
 from dataclasses import dataclass
 
 from ..errors import DiskError
+from ..ratelimit import RateLimitedLog
 from ..memory import GuestMemory
 from .device import VIRTIO_ID_BLOCK, DeviceBase, serve_queue
 from .queue import Chain, Descriptor
@@ -180,28 +180,6 @@ class BlkRequest:
         return req
 
 
-class _RateLimitedLog:
-    """At most ``burst`` lines per ``period`` seconds, then a count of what was dropped."""
-
-    def __init__(self, burst: int = 10, period: float = 5.0) -> None:
-        self.burst, self.period = burst, period
-        self.window_start = 0.0
-        self.count = 0
-        self.dropped = 0
-
-    def warning(self, msg: str, *args: object) -> None:
-        now = time.monotonic()
-        if now - self.window_start > self.period:
-            if self.dropped:
-                LOG.warning("(%d similar messages suppressed)", self.dropped)
-            self.window_start, self.count, self.dropped = now, 0, 0
-        if self.count < self.burst:
-            self.count += 1
-            LOG.warning(msg, *args)
-        else:
-            self.dropped += 1
-
-
 class VirtioBlk(DeviceBase):
     """The virtio-blk device model (one request queue)."""
 
@@ -212,7 +190,7 @@ class VirtioBlk(DeviceBase):
         super().__init__()
         self.disk = disk
         self.mem = mem
-        self.log = _RateLimitedLog()
+        self.log = RateLimitedLog(LOG)
         self.requests = 0
         self.errors = 0
 

@@ -12,9 +12,11 @@ import logging
 import threading
 from typing import Callable, Protocol
 
+from ..ratelimit import RateLimitedLog
 from .queue import Chain, ChainError, Queue, QueueError
 
 LOG = logging.getLogger(__name__)
+_CHAIN_LOG = RateLimitedLog(LOG)  # malformed chains are the guest's to produce at will
 
 # virtio 0.9.5 2.2.2.1 device status bits
 STATUS_ACKNOWLEDGE = 1
@@ -103,7 +105,7 @@ def serve_queue(q: Queue, index: int, interrupt: Interrupt, name: str, handle: C
     the device goes on; an impossible ring marks the device as needing reset. The driver
     gets one interrupt for the batch, if it wants one. Returns True if chains are left
     for a later turn (the transport schedules one)."""
-    warn = log or LOG.warning
+    warn = log or _CHAIN_LOG.warning
     done = 0
     limit = q.size if budget is None else budget
     while done < limit:

@@ -26,6 +26,7 @@ from typing import Callable, Protocol
 from ..devices import msix as M
 from ..devices.pci import PciDevice
 from ..memory import GuestMemory
+from ..ratelimit import RateLimitedLog
 from . import device as vd
 from .queue import (
     VIRTIO_F_NOTIFY_ON_EMPTY,
@@ -93,6 +94,7 @@ class VirtioPciLegacy(PciDevice):
         self.lock = threading.RLock()
         self.queues = [Queue(size) for size in device.queue_sizes]
         self.notify_host: NotifyHost | None = None
+        self.log = RateLimitedLog(LOG)  # guest-triggered warnings
         self._ioeventfds: dict[int, tuple[int, int]] = {}  # queue -> (eventfd, port)
         self.notify_exits = 0  # QUEUE_NOTIFY writes that reached kvmm as VM exits
         self.notify_events = 0  # ... and as ioeventfd wake-ups (no exit)
@@ -160,8 +162,8 @@ class VirtioPciLegacy(PciDevice):
 
     def needs_reset(self, reason: str) -> None:
         with self.lock:
-            LOG.warning("virtio %s at %02x.0: %s; the device stops until the driver resets it",
-                        type(self.device).__name__, self.slot, reason)
+            self.log.warning("virtio %s at %02x.0: %s; the device stops until the driver resets it",
+                             type(self.device).__name__, self.slot, reason)
             self.status |= vd.STATUS_DEVICE_NEEDS_RESET
         self.signal_config()
 
