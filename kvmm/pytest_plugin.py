@@ -78,7 +78,7 @@ def kvmm_machine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cal
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:  # type: ignore[type-arg]
     """Attach every VM's console log to the report of a failing test."""
-    outcome = yield
+    outcome: Any = yield
     report = outcome.get_result()
     if report.when == "call" and report.failed:
         for i, (m, log) in enumerate(getattr(item, "_kvmm_machines", [])):

@@ -10,6 +10,7 @@ with a :class:`VmResult`; nothing a guest does raises out of a vCPU thread.
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 import os
 import re
@@ -18,7 +19,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from . import x86
 from .console import ConsoleOutput, TerminalInput
@@ -400,10 +401,10 @@ class Machine:
         gsi = PCI_IRQ_BASE + (slot - 1) % PCI_IRQ_COUNT
         transport.set_interrupt(gsi)
         if cfg.exitless:
-            transport.set_irq = IrqfdLine(vm, gsi, self.loop, lambda t=transport: t.isr != 0)
+            transport.set_irq = IrqfdLine(vm, gsi, self.loop, lambda: transport.isr != 0)
             transport.notify_host = self
         else:
-            transport.set_irq = lambda level, gsi=gsi: vm.irq_line(gsi, level)
+            transport.set_irq = functools.partial(vm.irq_line, gsi)
         self._pci_irqs.append((slot, 0, gsi))
         self.virtio.append(transport)
         return transport
@@ -549,7 +550,8 @@ class Machine:
         exits = self.stats.exit_kinds
         run = vcpu.run
         while not self._stopping:
-            ex = run()
+            # Dispatch on the exact class: cheaper per exit than isinstance() chains.
+            ex: Any = run()
             kind = type(ex)
             exits[kind] += 1
             if kind is IoExit:
@@ -678,6 +680,8 @@ class Machine:
         The calling thread becomes the I/O thread: it serves ioeventfds, irqfd resamples,
         console input and output, and signals, until the VM ends."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        console = self.console
+        assert console is not None
         loop = self.loop
         old_handlers = {}
         old_wakeup = None
@@ -691,8 +695,9 @@ class Machine:
                     old_handlers[sig] = signal.signal(sig, self._on_signal)
                 old_handlers[signal.SIGUSR2] = signal.signal(signal.SIGUSR2, lambda s, f: self.request_dump())
             if stdin is not None:
+                term = stdin
                 try:
-                    loop.add_reader(0, lambda: self._read_stdin(stdin))
+                    loop.add_reader(0, lambda: self._read_stdin(term))
                     stdin.enter_raw()
                     raw_terminal = stdin
                 except (ValueError, OSError, PermissionError):
@@ -706,8 +711,8 @@ class Machine:
                     if loop.has_reader(0):
                         loop.remove_reader(0)
                     else:
-                        loop.add_reader(0, lambda: self._read_stdin(stdin))  # type: ignore[arg-type]
-                self.console.flush()
+                        loop.add_reader(0, lambda: self._read_stdin(term))
+                console.flush()
                 if not any(t.is_alive() for t in self._threads):
                     self.stop(VmResult(Outcome.VMM_ERROR, "all vCPU threads ended"))
                 if deadline is not None and time.monotonic() > deadline:
@@ -723,8 +728,8 @@ class Machine:
                 for sig, handler in old_handlers.items():
                     signal.signal(sig, handler)
                 signal.set_wakeup_fd(old_wakeup if old_wakeup is not None else -1)
-            self.console.flush()
-            self.console.mark_ended(self._result.message if self._result else "kvmm stopped")
+            console.flush()
+            console.mark_ended(self._result.message if self._result else "kvmm stopped")
         assert self._result is not None
         return self._result
 

@@ -81,9 +81,9 @@ class PciDevice:
 
     def add_capability(self, offset: int, data: bytes, writable: dict[int, int]) -> None:
         """Chain a capability at ``offset`` (in front of the others)."""
-        data = bytearray(data)
-        data[1] = self.config[PCI_CAPABILITY_LIST]
-        self.config[offset : offset + len(data)] = data
+        cap = bytearray(data)
+        cap[1] = self.config[PCI_CAPABILITY_LIST]
+        self.config[offset : offset + len(cap)] = cap
         self.config[PCI_CAPABILITY_LIST] = offset
         self.config[PCI_STATUS] |= PCI_STATUS_CAP_LIST
         for off, mask in writable.items():

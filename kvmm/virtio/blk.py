@@ -184,7 +184,7 @@ class VirtioBlk(DeviceBase):
     """The virtio-blk device model (one request queue)."""
 
     device_id = VIRTIO_ID_BLOCK
-    queue_sizes = (QUEUE_SIZE,)
+    queue_sizes: tuple[int, ...] = (QUEUE_SIZE,)
 
     def __init__(self, disk: RawDisk, mem: GuestMemory) -> None:
         super().__init__()

@@ -29,7 +29,7 @@ MAX_TX_CHAIN = 1 << 20  # bytes of output taken from one chain
 
 class VirtioConsole(DeviceBase):
     device_id = VIRTIO_ID_CONSOLE
-    queue_sizes = (QUEUE_SIZE, QUEUE_SIZE)
+    queue_sizes: tuple[int, ...] = (QUEUE_SIZE, QUEUE_SIZE)
 
     def __init__(self, mem: GuestMemory, sink: Callable[[bytes], None]) -> None:
         super().__init__()

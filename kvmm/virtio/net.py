@@ -70,7 +70,7 @@ def default_mac(seed: str) -> bytes:
 
 class VirtioNet(DeviceBase):
     device_id = VIRTIO_ID_NET
-    queue_sizes = (QUEUE_SIZE, QUEUE_SIZE)
+    queue_sizes: tuple[int, ...] = (QUEUE_SIZE, QUEUE_SIZE)
 
     def __init__(self, tap: Tap, mem: GuestMemory, loop: EventLoop, mac: bytes | None = None) -> None:
         super().__init__()

@@ -23,7 +23,7 @@ MAX_REQUEST = 64 << 10
 
 class VirtioRng(DeviceBase):
     device_id = VIRTIO_ID_RNG
-    queue_sizes = (QUEUE_SIZE,)
+    queue_sizes: tuple[int, ...] = (QUEUE_SIZE,)
 
     def __init__(self, mem: GuestMemory) -> None:
         super().__init__()
