@@ -1,0 +1,154 @@
+"""What a VM is asked to be (:class:`VmConfig` and the option parsers) and how it ended
+(:class:`Outcome`, :class:`VmResult` and the command line's exit statuses)."""
+
+from __future__ import annotations
+
+import enum
+import signal
+from dataclasses import dataclass, field
+
+from .errors import ConfigError
+from .host import HostKind
+from .virtio.net import parse_mac
+
+DEFAULT_CMDLINE = ("console=ttyS0", "panic=-1", "reboot=k")
+
+
+class Outcome(enum.Enum):
+    POWEROFF = "poweroff"
+    RESET = "reset"
+    PANIC = "panic"
+    DEBUG_EXIT = "debug-exit"
+    INIT_REACHED = "init-reached"
+    VCPU_ERROR = "vcpu-error"
+    VMM_ERROR = "vmm-error"
+    INTERRUPTED = "interrupted"
+    TIMEOUT = "timeout"
+    EXPECTED = "expected-output"  # kvmm smoke: the expected console line appeared
+
+
+# Exit statuses of the kvmm command (documented in the README).
+EXIT_OK = 0
+EXIT_VMM_ERROR = 1
+EXIT_PANIC = 3
+EXIT_VCPU_ERROR = 4
+EXIT_TIMEOUT = 5
+EXIT_DEBUG_BASE = 64
+
+
+@dataclass(frozen=True)
+class VmResult:
+    outcome: Outcome
+    message: str = ""
+    debug_value: int | None = None
+    signal: int | None = None
+
+    @property
+    def exit_status(self) -> int:
+        if self.outcome in (Outcome.POWEROFF, Outcome.RESET, Outcome.INIT_REACHED, Outcome.EXPECTED):
+            return EXIT_OK
+        if self.outcome is Outcome.PANIC:
+            return EXIT_PANIC
+        if self.outcome is Outcome.VCPU_ERROR:
+            return EXIT_VCPU_ERROR
+        if self.outcome is Outcome.DEBUG_EXIT:
+            return EXIT_DEBUG_BASE + ((self.debug_value or 0) & 0x3F)
+        if self.outcome is Outcome.INTERRUPTED:
+            return 128 + (self.signal or signal.SIGINT)
+        if self.outcome is Outcome.TIMEOUT:
+            return EXIT_TIMEOUT
+        return EXIT_VMM_ERROR
+
+
+@dataclass(frozen=True)
+class DiskConfig:
+    path: str
+    read_only: bool = False
+    serial: str | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> DiskConfig:
+        """``PATH[,ro][,serial=ID]`` as given to --disk."""
+        path, *opts = spec.split(",")
+        read_only, serial = False, None
+        for opt in opts:
+            if opt == "ro":
+                read_only = True
+            elif opt == "rw":
+                read_only = False
+            elif opt.startswith("serial="):
+                serial = opt[len("serial="):]
+            else:
+                raise ConfigError(f"unknown --disk option {opt!r} in {spec!r}: expected ro, rw or serial=ID")
+        if not path:
+            raise ConfigError(f"--disk {spec!r} names no file")
+        return cls(path, read_only, serial)
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    tap: str
+    mac: bytes | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> NetConfig:
+        """``tap=NAME[,mac=52:54:00:..]`` as given to --net."""
+        tap, mac = None, None
+        for opt in spec.split(","):
+            key, _, value = opt.partition("=")
+            if key == "tap" and value:
+                tap = value
+            elif key == "mac" and value:
+                try:
+                    mac = parse_mac(value)
+                except ValueError as exc:
+                    raise ConfigError(str(exc)) from None
+            else:
+                raise ConfigError(f"unknown --net option {opt!r} in {spec!r}: expected tap=NAME[,mac=..]")
+        if tap is None:
+            raise ConfigError(f"--net {spec!r} names no tap (tap=NAME)")
+        return cls(tap, mac)
+
+
+def config_from_options(kernel: str, *, initrd: str | None = None, cmdline: str = "", mem: int | str = "512M",
+                        cpus: int = 1, disks: list[str | DiskConfig] | None = None, nets: list[str | NetConfig] | None = None,
+                        console: str = "serial", console_file: str | None = None, hugepages: bool = False,
+                        stop_at_init: bool | None = None, rng: bool = True, msix: bool = True, exitless: bool = True,
+                        stdin: bool = False) -> "VmConfig":
+    """A :class:`VmConfig` from the command line's options as keyword arguments:
+    ``mem="256M"``, ``disks=["root.img", "data.img,ro"]``, ``nets=["tap=tap0"]``..."""
+    from .memory import parse_size
+
+    return VmConfig(
+        kernel=str(kernel), initrd=None if initrd is None else str(initrd), cmdline=cmdline,
+        mem_size=parse_size(mem) if isinstance(mem, str) else int(mem), cpus=cpus, hugepages=hugepages,
+        console_device=console, console_path=console_file, stdin=stdin, stop_at_init=stop_at_init,
+        disks=[d if isinstance(d, DiskConfig) else DiskConfig.parse(str(d)) for d in disks or []],
+        nets=[n if isinstance(n, NetConfig) else NetConfig.parse(n) for n in nets or []],
+        rng=rng, msix=msix, exitless=exitless,
+    )
+
+
+PCI_IRQ_BASE = 16  # IOAPIC inputs 16-23 carry PCI INTA of slots 1, 2, ...
+PCI_IRQ_COUNT = 8
+
+
+@dataclass
+class VmConfig:
+    kernel: str
+    initrd: str | None = None
+    cmdline: str = ""
+    mem_size: int = 512 << 20
+    cpus: int = 1
+    hugepages: bool = False
+    console_path: str | None = None  # None: stdout
+    stdin: bool = True
+    stop_at_init: bool | None = None  # None: where guest user space cannot run
+    disks: list[DiskConfig] = field(default_factory=list)
+    nets: list[NetConfig] = field(default_factory=list)
+    exitless: bool = True  # queue notifies by ioeventfd and INTx by irqfd (False: VM exits, KVM_IRQ_LINE)
+    msix: bool = True  # offer MSI-X on virtio devices (the guest may still choose INTx, e.g. pci=nomsi)
+    console_device: str = "serial"  # the primary console: "serial" (ttyS0) or "virtio" (hvc0)
+    rng: bool = True  # a virtio-rng device fed from the host's getrandom()
+    host: HostKind | None = None
+    default_cmdline: tuple[str, ...] = DEFAULT_CMDLINE
