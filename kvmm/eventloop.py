@@ -27,7 +27,6 @@ class EventLoop:
         self.selector.register(self._wake_r, selectors.EVENT_READ, self._drain_wakeup)
         self._pending: deque[Callback] = deque()
         self._lock = threading.Lock()
-        self.thread_id: int | None = None
 
     @property
     def wakeup_fd(self) -> int:
@@ -66,7 +65,6 @@ class EventLoop:
             pass
 
     def run_once(self, timeout: float | None) -> None:
-        self.thread_id = threading.get_ident()
         for key, _ in self.selector.select(timeout):
             key.data()
         while True:

@@ -354,6 +354,12 @@ class Machine:
             if self._result is None:
                 self._result = result
         self._stopping = True
+        self._kick_vcpus()
+        self._done.set()
+
+    def _kick_vcpus(self) -> None:
+        """Bring every vCPU out of KVM_RUN: immediate_exit for the next entry, a signal for
+        one already inside (a thread that just ended is no error)."""
         me = threading.get_ident()
         for vcpu, thread in zip(self.vm.vcpus, self._threads):
             vcpu.kick()
@@ -362,7 +368,6 @@ class Machine:
                     signal.pthread_kill(thread.ident, KICK_SIGNAL)
                 except (ProcessLookupError, OSError):
                     pass
-        self._done.set()
 
     # --- boot markers -------------------------------------------------------------------
     def _marker(self, value: int) -> None:
@@ -481,6 +486,8 @@ class Machine:
         report["queue_notify_exits"] = sum(t.notify_exits for t in self.virtio)
         report["queue_notify_ioeventfd"] = sum(t.notify_events for t in self.virtio)
         report["post_code_writes"] = self.post.writes
+        report["int3_injected"] = self.stats.int3_injected
+        report["fwait_skipped"] = self.stats.fwait_skipped
         report["console_bytes"] = self.console.bytes_written if self.console else 0
         report["msi_interrupts"] = sum(v.fired for t in self.virtio for v in getattr(t, "msi_vectors", []))
         report["intx_interrupts"] = sum(getattr(t.set_irq, "asserts", 0) for t in self.virtio)
@@ -498,11 +505,7 @@ class Machine:
     def request_dump(self) -> None:
         """Log every vCPU's registers and the exit counts (SIGUSR2 on the command line)."""
         self._dump_requested = True
-        me = threading.get_ident()
-        for vcpu, thread in zip(self.vm.vcpus, self._threads):
-            vcpu.kick()
-            if thread.ident is not None and thread.ident != me and thread.is_alive():
-                signal.pthread_kill(thread.ident, KICK_SIGNAL)
+        self._kick_vcpus()
 
     _dump_requested = False
 

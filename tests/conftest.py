@@ -42,8 +42,8 @@ def kernel_dir() -> Path:
     return Path(res.stdout.strip().splitlines()[-1])
 
 
-def run_kvmm(*args: str, stdin: bytes = b"", timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
+def run_kvmm(*args: str, stdin: bytes = b"", timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
     """Run the kvmm command line as a user would."""
     return subprocess.run(
-        [sys.executable, "-m", "kvmm", *args], input=stdin, capture_output=True, timeout=timeout, cwd=ROOT
+        [sys.executable, "-m", "kvmm", *args], input=stdin, capture_output=True, timeout=timeout, cwd=ROOT, env=env
     )

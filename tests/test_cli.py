@@ -82,9 +82,7 @@ def test_bad_console_option(guests) -> None:  # type: ignore[no-untyped-def]
 
 def test_kvm_device_missing(tmp_path: Path, guests) -> None:  # type: ignore[no-untyped-def]
     env = {**os.environ, "KVMM_KVM_DEVICE": str(tmp_path / "kvm")}
-    import subprocess, sys
-
-    res = subprocess.run([sys.executable, "-m", "kvmm", "--kernel", str(guests("serial_hello"))], env=env, capture_output=True)
+    res = run_kvmm("--kernel", str(guests("serial_hello")), env=env)
     assert res.returncode == 13
     assert "does not exist: load the kvm module" in res.stderr.decode() and len(error_lines(res)) == 1
 
@@ -95,9 +93,7 @@ def test_kvm_device_not_permitted(tmp_path: Path, guests) -> None:  # type: igno
     node.mkdir()
     node.chmod(0o500)
     env = {**os.environ, "KVMM_KVM_DEVICE": str(node)}
-    import subprocess, sys
-
-    res = subprocess.run([sys.executable, "-m", "kvmm", "--kernel", str(guests("serial_hello"))], env=env, capture_output=True)
+    res = run_kvmm("--kernel", str(guests("serial_hello")), env=env)
     assert res.returncode == 13 and "kvmm: error: cannot open" in res.stderr.decode()
 
 

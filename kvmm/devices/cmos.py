@@ -7,6 +7,7 @@ update-in-progress bit never sets, so the guest's read loop ends at once.
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 REG_SECONDS, REG_MINUTES, REG_HOURS = 0x00, 0x02, 0x04
 REG_WEEKDAY, REG_DAY, REG_MONTH, REG_YEAR = 0x06, 0x07, 0x08, 0x09
@@ -21,7 +22,7 @@ def _bcd(v: int) -> int:
 
 
 class Cmos:
-    def __init__(self, clock: "callable[[], float] | None" = None) -> None:  # type: ignore[valid-type]
+    def __init__(self, clock: Callable[[], float] | None = None) -> None:
         self.index = 0
         self.nmi_disabled = False
         self.ram = bytearray(128)

@@ -82,7 +82,6 @@ class VirtioNet(DeviceBase):
         self.guest_csum_ok = tap.set_offload(TUN_F_CSUM)
         self.guest_tso_ok = tap.set_offload(TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN)
         tap.set_offload(0)  # until the driver says what it accepts
-        self.features_acked = 0
         self.rx_polling = False
         self.tx_frames = self.tx_dropped = self.rx_frames = self.rx_stalls = self.rx_truncated = self.rx_dropped = 0
         self.rx_buffer = bytearray(MAX_FRAME + 2)
@@ -104,7 +103,6 @@ class VirtioNet(DeviceBase):
 
     def activate(self, queues: list[Queue], features: int, interrupt: Interrupt) -> None:
         super().activate(queues, features, interrupt)
-        self.features_acked = features
         self.mergeable = bool(features & (1 << VIRTIO_NET_F_MRG_RXBUF))
         self.tap.set_vnet_hdr_len(MRG_HDR_LEN if self.mergeable else VNET_HDR_LEN)
         offload = 0

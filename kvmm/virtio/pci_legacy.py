@@ -274,7 +274,7 @@ class VirtioPciLegacy(PciDevice):
             self.notify_host.remove_ioeventfd(entry[0], entry[1], index)
 
     def _detach_notifies(self) -> None:
-        for index in list(getattr(self, "_ioeventfds", {})):
+        for index in list(self._ioeventfds):
             self._detach_notify(index)
 
     def bar_relocated(self, bar: int, address: int) -> None:
