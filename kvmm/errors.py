@@ -11,6 +11,7 @@
     ├── KernelImageError           missing, unreadable or malformed kernel/initrd   10
     ├── DiskError                  missing, unreadable, locked or read-only disk    11
     ├── NetError (kvmm.tap)        tap cannot be opened or attached                 14
+    ├── SnapshotError              a snapshot is corrupt, truncated or mismatched   15
     └── ConsoleTimeout             expected console output did not appear            5
 
 The CLI maps each to its ``exit_status`` and prints ``kvmm: error: <message>`` (README).
@@ -78,6 +79,13 @@ class DiskError(KvmmError):
     """A disk image cannot be opened as requested."""
 
     exit_status = 11
+
+
+class SnapshotError(KvmmError):
+    """A snapshot cannot be written, or is refused on restore (corrupt, truncated, from
+    another kvmm version, or its disks changed)."""
+
+    exit_status = 15
 
 
 class ConsoleTimeout(KvmmError):

@@ -9,13 +9,15 @@ silently truncates and wraps negative indices, so no other code slices the mappi
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import logging
+import os
 import mmap
 import struct
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ConfigError, GuestMemoryError, MemoryConfigError
+from .errors import ConfigError, GuestMemoryError, MemoryConfigError, SnapshotError
 
 LOG = logging.getLogger(__name__)
 
@@ -118,6 +120,43 @@ class GuestMemory:
             raise MemoryConfigError(f"cannot map {size >> 20} MiB of guest memory: {exc.strerror}") from None
         LOG.debug("guest RAM: %d MiB%s", size >> 20, " on hugepages" if hugepages else "")
         return cls(mapping, x86_regions(size))
+
+    @classmethod
+    def from_file(cls, path: str, size: int) -> GuestMemory:
+        """RAM of ``size`` bytes mapped privately (copy-on-write) from a snapshot's memory
+        file: nothing is read up front, pages fault in from the page cache as the guest
+        touches them, and guest writes never reach the file."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise SnapshotError(f"cannot open the snapshot memory {path}: {exc.strerror}") from None
+        try:
+            if os.fstat(fd).st_size != size:
+                raise SnapshotError(f"snapshot memory {path} is {os.fstat(fd).st_size} bytes, the snapshot says {size}")
+            mapping = mmap.mmap(fd, size, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as exc:
+            raise MemoryConfigError(f"cannot map the snapshot memory {path}: {exc.strerror}") from None
+        finally:
+            os.close(fd)
+        return cls(mapping, x86_regions(size))
+
+    def save_sparse(self, fd: int, chunk: int = 1 << 16) -> int:
+        """Write all of RAM (in mapping order) to ``fd`` from offset 0, leaving holes where
+        a ``chunk`` is all zero (never-touched memory costs no disk). Returns bytes written."""
+        zero = bytes(chunk)
+        written = 0
+        total = len(self._map)
+        for off in range(0, total, chunk):
+            data = self._map[off : min(off + chunk, total)]  # a copy: fast compare, no struct unpacking
+            if data != zero[: len(data)]:
+                os.pwrite(fd, data, off)
+                written += len(data)
+        os.ftruncate(fd, total)
+        return written
+
+    def digest(self) -> str:
+        """SHA-256 of all of RAM in mapping order (a snapshot's memory checksum)."""
+        return hashlib.sha256(self._view).hexdigest()
 
     def host_address(self, region: Region) -> int:
         """The host virtual address of ``region`` (for KVM_SET_USER_MEMORY_REGION)."""

@@ -7,7 +7,10 @@ update-in-progress bit never sets, so the guest's read loop ends at once.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Callable
+
+from ..state import check_length, check_range
 
 REG_SECONDS, REG_MINUTES, REG_HOURS = 0x00, 0x02, 0x04
 REG_WEEKDAY, REG_DAY, REG_MONTH, REG_YEAR = 0x06, 0x07, 0x08, 0x09
@@ -21,6 +24,13 @@ def _bcd(v: int) -> int:
     return ((v // 10) << 4) | (v % 10)
 
 
+@dataclass
+class CmosState:
+    index: int
+    nmi_disabled: bool
+    ram: bytes
+
+
 class Cmos:
     def __init__(self, clock: Callable[[], float] | None = None) -> None:
         self.index = 0
@@ -30,6 +40,14 @@ class Cmos:
         self.ram[REG_B] = REG_B_24H
         self.ram[REG_D] = REG_D_VALID_RAM
         self._clock = clock or time.time
+
+    def save_state(self) -> CmosState:
+        return CmosState(self.index, self.nmi_disabled, bytes(self.ram))
+
+    def load_state(self, st: CmosState) -> None:
+        check_range("cmos.index", st.index, 0, 0x7F)
+        check_length("cmos.ram", st.ram, len(self.ram))
+        self.index, self.nmi_disabled, self.ram = st.index, st.nmi_disabled, bytearray(st.ram)
 
     def _time_register(self, reg: int) -> int | None:
         t = time.gmtime(self._clock())

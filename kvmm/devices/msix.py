@@ -10,7 +10,10 @@ from __future__ import annotations
 import logging
 import struct
 import threading
+from dataclasses import dataclass
 from typing import Callable
+
+from ..state import check_length
 
 LOG = logging.getLogger(__name__)
 
@@ -24,6 +27,14 @@ TABLE_OFFSET = 0x000
 PBA_OFFSET = 0x800
 BAR_SIZE = 0x1000
 MAX_VECTORS = PBA_OFFSET // ENTRY_SIZE
+
+
+@dataclass
+class MsixState:
+    """The vector table and pending bits (enable and mask live in config space)."""
+
+    entries: bytes
+    pending: list[bool]
 
 
 class MsixTable:
@@ -80,6 +91,21 @@ class MsixTable:
             if self.pending[vec] and self.enabled and not self._masked(vec):
                 self.pending[vec] = False
                 self.fire_vector(vec)
+
+    def save_state(self) -> MsixState:
+        with self.lock:
+            return MsixState(bytes(self.entries), list(self.pending))
+
+    def load_state(self, st: MsixState, where: str) -> None:
+        """Write the saved table through the guest's own path (a dword at a time, so each
+        vector is routed as when the guest wrote it), then the pending bits."""
+        check_length(f"{where}.entries", st.entries, len(self.entries))
+        check_length(f"{where}.pending", st.pending, self.nvec)
+        with self.lock:
+            for off in range(0, len(st.entries), 4):
+                self.mmio_write(TABLE_OFFSET + off, 4, int.from_bytes(st.entries[off : off + 4], "little"))
+            self.pending = list(st.pending)
+            self._deliver_pending()
 
     # --- the BAR ----------------------------------------------------------------------
     def mmio_read(self, offset: int, size: int) -> int:

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import logging
 import struct
+from dataclasses import dataclass
 from typing import Callable
 
+from ..errors import SnapshotError
+from ..state import check_length, check_range
 from .bus import MmioBus, PioBus
 
 LOG = logging.getLogger(__name__)
@@ -49,6 +52,18 @@ IO_BAR_LIMIT = 0x10000
 # 32-bit memory BARs go in the MMIO hole below the IOAPIC (guest RAM ends at 3 GiB).
 MEM_BAR_BASE = 0xE000_0000
 MEM_BAR_LIMIT = 0xFEC0_0000
+
+
+@dataclass
+class PciBusState:
+    """The CONFIG_ADDRESS latch and each function's 256 bytes of config space, by slot."""
+
+    address: int
+    functions: list[bytes]
+
+
+# Header bytes that name the function; a snapshot for other hardware is refused.
+_IDENTITY = [(0x00, 4), (0x08, 4), (0x0E, 1), (0x2C, 4), (0x3D, 1)]
 
 
 class PciDevice:
@@ -116,6 +131,23 @@ class PciDevice:
     @property
     def command(self) -> int:
         return int(struct.unpack_from("<H", self.config, PCI_COMMAND)[0])
+
+    def load_config(self, saved: bytes, where: str) -> None:
+        """Restore config space from a snapshot by replaying the guest's writes (BARs,
+        command, interrupt line, writable capability bytes) through :meth:`config_write`,
+        so a saved value passes the same masks and BAR placement as a guest write."""
+        check_length(where, saved, len(self.config))
+        for off, n in _IDENTITY:
+            if saved[off : off + n] != self.config[off : off + n]:
+                raise SnapshotError(f"{where}: saved for another device (config bytes {off:#x}+{n} differ)")
+        for bar in range(NUM_BARS):
+            if self.bar_sizes[bar]:
+                reg = PCI_BAR0 + 4 * bar
+                self.config_write(reg, 4, int.from_bytes(saved[reg : reg + 4], "little"))
+        self.config_write(PCI_COMMAND, 2, int.from_bytes(saved[PCI_COMMAND : PCI_COMMAND + 2], "little"))
+        self.config_write(PCI_INTERRUPT_LINE, 1, saved[PCI_INTERRUPT_LINE])
+        for off in sorted(self.extra_writable):
+            self.config_write(off, 1, saved[off])
 
     def config_read(self, offset: int, size: int) -> int:
         return int.from_bytes(self.config[offset : offset + size], "little")
@@ -220,6 +252,15 @@ class PciBus:
             dev.bar_relocated(bar, 0)
             return
         dev.bar_relocated(bar, new)
+
+    def save_state(self) -> PciBusState:
+        return PciBusState(self.address, [bytes(self.devices[slot].config) for slot in sorted(self.devices)])
+
+    def load_state(self, st: PciBusState) -> None:
+        check_length("pci.functions", st.functions, len(self.devices))
+        self.address = check_range("pci.address", st.address, 0, 0xFFFF_FFFF) & 0x80FF_FFFC
+        for slot, saved in enumerate(st.functions):
+            self.devices[slot].load_config(saved, f"pci.functions[{slot}]")
 
     # mechanism #1
     def _selected(self) -> tuple[PciDevice | None, int]:

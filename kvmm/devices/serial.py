@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from dataclasses import dataclass
 from typing import Callable
+
+from ..state import check_range
 
 COM1_BASE = 0x3F8
 COM1_IRQ = 4
@@ -71,6 +74,22 @@ RX_FIFO_SIZE = 16
 RX_BACKLOG_LIMIT = 4096  # host bytes waiting beyond the FIFO; input stops past this
 
 
+@dataclass
+class SerialState:
+    """The UART's registers and pending input (its snapshot format)."""
+
+    ier: int
+    lcr: int
+    mcr: int
+    lsr_errors: int
+    scr: int
+    dll: int
+    dlm: int
+    fifo_enabled: bool
+    thr_interrupt: bool
+    rx: bytes
+
+
 class Serial8250:
     def __init__(self, sink: Callable[[bytes], None], set_irq: Callable[[int], None] | None = None) -> None:
         self.sink = sink
@@ -97,6 +116,24 @@ class Serial8250:
             self.rx.extend(taken)
             self._update_irq()
         return len(taken)
+
+    def save_state(self) -> SerialState:
+        with self.lock:
+            return SerialState(self.ier, self.lcr, self.mcr, self.lsr_errors, self.scr, self.dll, self.dlm,
+                               self.fifo_enabled, self.thr_interrupt, bytes(self.rx))
+
+    def load_state(self, st: SerialState) -> None:
+        for name in ("ier", "lcr", "mcr", "lsr_errors", "scr", "dll", "dlm"):
+            check_range(f"serial.{name}", getattr(st, name), 0, 0xFF)
+        if len(st.rx) > RX_BACKLOG_LIMIT:
+            check_range("serial.rx length", len(st.rx), 0, RX_BACKLOG_LIMIT)
+        with self.lock:
+            self.ier, self.lcr, self.mcr = st.ier & IER_MASK, st.lcr, st.mcr & MCR_MASK
+            self.lsr_errors, self.scr, self.dll, self.dlm = st.lsr_errors & LSR_OE, st.scr, st.dll, st.dlm
+            self.fifo_enabled, self.thr_interrupt = st.fifo_enabled, st.thr_interrupt
+            self.rx = deque(st.rx)
+            self.irq_level = 0
+            self._update_irq()
 
     def rx_room(self) -> int:
         return RX_BACKLOG_LIMIT - len(self.rx)

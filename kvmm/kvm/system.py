@@ -159,6 +159,23 @@ class Kvm(_FdOwner):
         return Vm(self, ioctl_int(self.fd, K.KVM_CREATE_VM, 0))
 
 
+def _get_blob(fd: int, req: int, ctype: str) -> bytes:
+    """A state structure read by ioctl, as its raw bytes (the snapshot format of KVM state)."""
+    obj = ffi.new(f"{ctype} *")
+    ioctl_buf(fd, req, obj)
+    return bytes(ffi.buffer(obj))
+
+
+def _from_bytes(ctype: str, data: bytes) -> Any:
+    """A fresh ``ctype`` holding ``data``, which must be exactly its size."""
+    size = ffi.sizeof(ctype)
+    if len(data) != size:
+        raise KvmError(ctype, errno.EINVAL, f"{ctype} state is {len(data)} bytes, KVM's ABI says {size}")
+    obj = ffi.new(f"{ctype} *")
+    ffi.memmove(obj, data, size)
+    return obj
+
+
 def _sized(obj: Any, head: str, elem: str, n: int) -> tuple[Any, int]:
     """``(obj, bytes)`` for a struct with a flexible array member holding ``n`` elements."""
     return obj, ffi.sizeof(head) + n * ffi.sizeof(elem)
@@ -217,6 +234,32 @@ class Vm(_FdOwner):
         )
         ioctl_buf(self.fd, K.KVM_IOEVENTFD, ev)
 
+    # --- in-kernel device state (snapshots) -------------------------------------------------
+    def get_irqchip(self, chip_id: int) -> bytes:
+        """One in-kernel interrupt controller (0: PIC master, 1: PIC slave, 2: IOAPIC)."""
+        chip = ffi.new("struct kvm_irqchip *", {"chip_id": chip_id})
+        ioctl_buf(self.fd, K.KVM_GET_IRQCHIP, chip)
+        return bytes(ffi.buffer(chip))
+
+    def set_irqchip(self, data: bytes) -> None:
+        ioctl_buf(self.fd, K.KVM_SET_IRQCHIP, _from_bytes("struct kvm_irqchip", data))
+
+    def get_pit2(self) -> bytes:
+        return _get_blob(self.fd, K.KVM_GET_PIT2, "struct kvm_pit_state2")
+
+    def set_pit2(self, data: bytes) -> None:
+        ioctl_buf(self.fd, K.KVM_SET_PIT2, _from_bytes("struct kvm_pit_state2", data))
+
+    def get_clock(self) -> bytes:
+        return _get_blob(self.fd, K.KVM_GET_CLOCK, "struct kvm_clock_data")
+
+    def set_clock(self, data: bytes) -> None:
+        clock = _from_bytes("struct kvm_clock_data", data)
+        # Only the clock value is restored: the realtime/host_tsc flags describe the source
+        # host's moment, which a restore on another boot must not claim (api.rst KVM_SET_CLOCK).
+        clock.flags = 0
+        ioctl_buf(self.fd, K.KVM_SET_CLOCK, clock)
+
     def create_vcpu(self, vcpu_id: int) -> Vcpu:
         fd = ioctl_int(self.fd, K.KVM_CREATE_VCPU, vcpu_id)
         try:
@@ -226,6 +269,19 @@ class Vm(_FdOwner):
             raise
         self.vcpus.append(vcpu)
         return vcpu
+
+
+# vCPU state saved in snapshots: name -> (get ioctl, set ioctl, struct).
+VCPU_STATE = {
+    "regs": (K.KVM_GET_REGS, K.KVM_SET_REGS, "struct kvm_regs"),
+    "sregs": (K.KVM_GET_SREGS, K.KVM_SET_SREGS, "struct kvm_sregs"),
+    "fpu": (K.KVM_GET_FPU, K.KVM_SET_FPU, "struct kvm_fpu"),
+    "xsave": (K.KVM_GET_XSAVE, K.KVM_SET_XSAVE, "struct kvm_xsave"),
+    "xcrs": (K.KVM_GET_XCRS, K.KVM_SET_XCRS, "struct kvm_xcrs"),
+    "lapic": (K.KVM_GET_LAPIC, K.KVM_SET_LAPIC, "struct kvm_lapic_state"),
+    "events": (K.KVM_GET_VCPU_EVENTS, K.KVM_SET_VCPU_EVENTS, "struct kvm_vcpu_events"),
+    "mp_state": (K.KVM_GET_MP_STATE, K.KVM_SET_MP_STATE, "struct kvm_mp_state"),
+}
 
 
 class Vcpu(_FdOwner):
@@ -285,6 +341,15 @@ class Vcpu(_FdOwner):
 
     def set_vcpu_events(self, events: Any) -> None:
         ioctl_buf(self.fd, K.KVM_SET_VCPU_EVENTS, events)
+
+    def get_state(self, kind: str) -> bytes:
+        """One of :data:`VCPU_STATE` as raw bytes (``regs``, ``sregs``, ``lapic``, ...)."""
+        getter, _setter, ctype = VCPU_STATE[kind]
+        return _get_blob(self.fd, getter, ctype)
+
+    def set_state(self, kind: str, data: bytes) -> None:
+        _getter, setter, ctype = VCPU_STATE[kind]
+        ioctl_buf(self.fd, setter, _from_bytes(ctype, data))
 
     def set_cpuid2(self, cpuid: Any) -> None:
         ioctl_buf(self.fd, K.KVM_SET_CPUID2, *_sized(cpuid, "struct kvm_cpuid2", "struct kvm_cpuid_entry2", cpuid.nent))

@@ -12,9 +12,12 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
+from ..errors import SnapshotError
 from ..memory import GuestMemory
+from ..state import from_json, to_json
 from .device import VIRTIO_ID_CONSOLE, DeviceBase, Interrupt, serve_queue
 from .queue import Chain, Queue
 
@@ -25,6 +28,11 @@ TX_QUEUE = 1
 QUEUE_SIZE = 64
 INPUT_BACKLOG_LIMIT = 4096
 MAX_TX_CHAIN = 1 << 20  # bytes of output taken from one chain
+
+
+@dataclass
+class VirtioConsoleState:
+    backlog: bytes  # host input not yet delivered to the guest
 
 
 class VirtioConsole(DeviceBase):
@@ -43,6 +51,17 @@ class VirtioConsole(DeviceBase):
     def activate(self, queues: list[Queue], features: int, interrupt: Interrupt) -> None:
         super().activate(queues, features, interrupt)
         self._deliver()  # input typed before the driver came up
+
+    def save_state(self) -> Any:
+        with self.lock:
+            return to_json(VirtioConsoleState(bytes(self.backlog)))
+
+    def load_state(self, data: Any) -> None:
+        st = from_json(VirtioConsoleState, data, "virtio-console")
+        if len(st.backlog) > INPUT_BACKLOG_LIMIT:
+            raise SnapshotError(f"virtio-console: {len(st.backlog)} bytes of input backlog, at most {INPUT_BACKLOG_LIMIT}")
+        with self.lock:
+            self.backlog = deque(st.backlog)
 
     # --- host side ----------------------------------------------------------------------
     def rx_room(self) -> int:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
+
+from ..errors import SnapshotError
 
 from ..ratelimit import RateLimitedLog
 from .queue import Chain, ChainError, Queue, QueueError
@@ -71,6 +73,12 @@ class VirtioDevice(Protocol):
     def reset(self) -> None:
         """The driver wrote 0 to the status register."""
 
+    def save_state(self) -> Any:
+        """Device-specific state beyond the queues, as JSON-ready data (None: none)."""
+
+    def load_state(self, data: Any) -> None:
+        """Restore :meth:`save_state`'s data after activation; raise SnapshotError if bad."""
+
 
 class DeviceBase:
     """Defaults for the :class:`VirtioDevice` protocol: no feature bits, an empty config
@@ -94,6 +102,13 @@ class DeviceBase:
 
     def reset(self) -> None:
         self.queues, self.interrupt = [], None
+
+    def save_state(self) -> Any:
+        return None
+
+    def load_state(self, data: Any) -> None:
+        if data is not None:
+            raise SnapshotError(f"{type(self).__name__}: the snapshot holds device state this device does not have")
 
 
 def serve_queue(q: Queue, index: int, interrupt: Interrupt, name: str, handle: Callable[[Chain], int],

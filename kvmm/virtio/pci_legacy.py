@@ -21,18 +21,22 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Callable, Protocol
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
 
 from ..devices import msix as M
 from ..devices.pci import PciDevice
+from ..errors import SnapshotError
 from ..memory import GuestMemory
 from ..ratelimit import RateLimitedLog
+from ..state import check_length, check_range
 from . import device as vd
 from .queue import (
     VIRTIO_F_NOTIFY_ON_EMPTY,
     VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
     Queue,
+    QueueState,
 )
 
 LOG = logging.getLogger(__name__)
@@ -63,6 +67,23 @@ TRANSPORT_FEATURES = (1 << VIRTIO_F_NOTIFY_ON_EMPTY) | (1 << VIRTIO_RING_F_INDIR
 
 CLASS_CODES = {vd.VIRTIO_ID_NET: 0x020000, vd.VIRTIO_ID_BLOCK: 0x010000, vd.VIRTIO_ID_CONSOLE: 0x078000,
                vd.VIRTIO_ID_RNG: 0x00FF00}
+
+
+@dataclass
+class VirtioTransportState:
+    """The legacy register block, the queues and the device's own state (snapshot format;
+    the PCI config space, MSI-X enable included, is saved by the bus)."""
+
+    guest_features: int
+    queue_sel: int
+    status: int
+    isr: int
+    activated: bool
+    config_vector: int
+    queue_vectors: list[int]
+    queues: list[QueueState]
+    msix: M.MsixState | None
+    device: Any
 
 
 class NotifyHost(Protocol):
@@ -124,6 +145,63 @@ class VirtioPciLegacy(PciDevice):
         self.queue_vectors = [VIRTIO_MSI_NO_VECTOR] * len(self.queues)
         for q in self.queues:
             q.reset()
+
+    # --- snapshots --------------------------------------------------------------------
+    def save_state(self) -> VirtioTransportState:
+        with self.lock:
+            return VirtioTransportState(
+                self.guest_features, self.queue_sel, self.status, self.isr, self.activated, self.config_vector,
+                list(self.queue_vectors), [q.save_state() for q in self.queues],
+                self.msix.save_state() if self.msix is not None else None, self.device.save_state(),
+            )
+
+    def load_state(self, st: VirtioTransportState, where: str) -> None:
+        """Restore after the bus restored config space. Every value is checked as the
+        matching guest write would be: features within those offered, vectors within the
+        table, queue rings inside RAM (QUEUE_PFN's check)."""
+        with self.lock:
+            self._reset_state()
+            if (st.msix is None) != (self.msix is None):
+                raise SnapshotError(f"{where}: MSI-X {'absent' if st.msix is None else 'present'} in the snapshot, "
+                                    f"{'offered' if self.msix is not None else 'not offered'} by this device")
+            if self.msix is not None and st.msix is not None:
+                self.msix.load_state(st.msix, f"{where}.msix")
+            if st.guest_features & ~self.host_features:
+                raise SnapshotError(f"{where}: acknowledged features {st.guest_features:#x} were never offered "
+                                    f"({self.host_features:#x})")
+            check_range(f"{where}.queue_sel", st.queue_sel, 0, 0xFFFF)
+            check_range(f"{where}.status", st.status, 0, 0xFF)
+            check_range(f"{where}.isr", st.isr, 0, ISR_QUEUE | ISR_CONFIG)
+            check_length(f"{where}.queues", st.queues, len(self.queues))
+            check_length(f"{where}.queue_vectors", st.queue_vectors, len(self.queues))
+            if st.activated and not st.status & vd.STATUS_DRIVER_OK:
+                raise SnapshotError(f"{where}: activated without DRIVER_OK in status {st.status:#x}")
+            for vec in (st.config_vector, *st.queue_vectors):
+                if vec != VIRTIO_MSI_NO_VECTOR and self._valid_vector(check_range(f"{where} vector", vec, 0, 0xFFFF)) != vec:
+                    raise SnapshotError(f"{where}: MSI-X vector {vec} is not in the table")
+            for i, (q, qs) in enumerate(zip(self.queues, st.queues)):
+                q.load_state(self.mem, qs, f"{where}.queues[{i}]")
+            self.guest_features, self.queue_sel, self.status = st.guest_features, st.queue_sel, st.status
+            self.config_vector, self.queue_vectors = st.config_vector, list(st.queue_vectors)
+            if st.activated:
+                for q in self.queues:
+                    q.event_idx = bool(self.guest_features & (1 << VIRTIO_RING_F_EVENT_IDX))
+                    q.notify_on_empty = bool(self.guest_features & (1 << VIRTIO_F_NOTIFY_ON_EMPTY))
+                self.activated = True
+                self.device.activate(self.queues, self.guest_features, self)
+            self.device.load_state(st.device)
+            for index, q in enumerate(self.queues):
+                if q.ready:
+                    self._attach_notify(index)
+            if st.isr:
+                self._raise(st.isr)  # the line is a level: asserted again while ISR is set
+
+    def kick_ready_queues(self) -> None:
+        """Serve every live queue once: a notify the guest sent just before a snapshot
+        was taken is in no eventfd of the restored VM."""
+        for index, q in enumerate(self.queues):
+            if q.ready:
+                self._notify_event(index, kicked=False)
 
     # --- interrupts (Interrupt protocol) ----------------------------------------------
     @property

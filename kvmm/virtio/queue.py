@@ -19,8 +19,9 @@ import logging
 import struct
 from dataclasses import dataclass
 
-from ..errors import KvmmError
+from ..errors import KvmmError, SnapshotError
 from ..memory import GuestMemory
+from ..state import check_range
 
 LOG = logging.getLogger(__name__)
 
@@ -91,6 +92,19 @@ def legacy_layout(pfn_addr: int, size: int) -> tuple[int, int, int, int]:
     return desc, avail, used, used_end - pfn_addr
 
 
+@dataclass
+class QueueState:
+    """One queue as the driver set it up and the device has served it (snapshot format)."""
+
+    size: int
+    pfn: int
+    ready: bool
+    broken: bool
+    last_avail_idx: int
+    used_idx: int
+    signalled_used: int | None
+
+
 class Queue:
     """Device side of one split virtqueue."""
 
@@ -129,6 +143,28 @@ class Queue:
         self.broken = False
         self.ready = True
         return True
+
+    def save_state(self) -> QueueState:
+        return QueueState(self.size, self.pfn, self.ready, self.broken, self.last_avail_idx, self.used_idx,
+                          self.signalled_used)
+
+    def load_state(self, mem: GuestMemory, st: QueueState, where: str) -> None:
+        """Re-place the queue as saved. The geometry goes through the same check as the
+        driver's QUEUE_PFN write; indices must be 16-bit ring positions."""
+        self.reset()
+        if st.size != self.max_size:
+            raise SnapshotError(f"{where}: size {st.size}, the device's queue has {self.max_size}")
+        for name in ("last_avail_idx", "used_idx"):
+            check_range(f"{where}.{name}", getattr(st, name), 0, 0xFFFF)
+        if st.signalled_used is not None:
+            check_range(f"{where}.signalled_used", st.signalled_used, 0, 0xFFFF)
+        if not st.ready:
+            return
+        check_range(f"{where}.pfn", st.pfn, 1, 0xFFFF_FFFF)
+        if not self.activate_legacy(mem, st.pfn):
+            raise SnapshotError(f"{where}: rings at PFN {st.pfn:#x} lie outside guest RAM")
+        self.last_avail_idx, self.used_idx, self.signalled_used = st.last_avail_idx, st.used_idx, st.signalled_used
+        self.broken = st.broken
 
     # --- available ring -----------------------------------------------------------------
     def _avail_idx(self) -> int:
