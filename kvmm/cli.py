@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import re
 import sys
 
 from . import __version__
-from .errors import ConfigError, KvmmError
+from .api import COMMANDS
+from .api import request as api_request
+from .errors import KvmmError
 from .memory import parse_size
 from .vm import DEFAULT_CMDLINE, EXIT_DEBUG_BASE, DiskConfig, Machine, NetConfig, Outcome, VmConfig, VmResult
 
@@ -31,6 +35,8 @@ exit status:
  12   guest memory could not be provided (more than available, no hugepages)
  13   /dev/kvm is missing or not accessible
  14   a network backend (--net tap=...) cannot be set up
+ 15   --restore: the snapshot is damaged, from another kvmm version, or its disks changed
+ 16   kvmm ctl: the control socket cannot be reached
  {EXIT_DEBUG_BASE}+v the guest wrote v (0-63) to the debug-exit port 0x501
  130/143 interrupted by SIGINT/SIGTERM (or Ctrl-A x on the console)
 """
@@ -73,6 +79,7 @@ a CI job (GitHub Actions):
 """
 
 EXIT_SMOKE_ENDED = 6
+EXIT_CTL_UNREACHABLE = 16
 
 
 def build_parser(prog: str = "kvmm", smoke: bool = False) -> argparse.ArgumentParser:
@@ -86,15 +93,20 @@ def build_parser(prog: str = "kvmm", smoke: bool = False) -> argparse.ArgumentPa
     )
     if smoke:
         p.add_argument("--expect", required=True, metavar="REGEX", help="the console line (a regex) that means success")
-    p.add_argument("--kernel", required=True, metavar="PATH", help="kernel image: ELF vmlinux or bzImage (x86-64)")
+    p.add_argument("--kernel", metavar="PATH", help="kernel image: ELF vmlinux or bzImage (x86-64)")
+    if not smoke:
+        p.add_argument("--restore", metavar="DIR", help="continue the VM saved in a snapshot directory "
+                       "(made by the control socket's snapshot command) instead of booting a kernel")
+        p.add_argument("--verify-memory", action="store_true",
+                       help="with --restore: check the snapshot memory's SHA-256 first (reads all of it)")
     p.add_argument("--initrd", metavar="PATH", help="initial ramdisk (e.g. a gzip cpio archive)")
     p.add_argument("--disk", action="append", default=[], metavar="PATH[,ro][,serial=ID]",
                    help="raw disk image as a virtio-blk disk (vda, vdb, ... in order); repeatable")
     p.add_argument("--net", action="append", default=[], metavar="tap=NAME[,mac=MAC]",
                    help="virtio-net on a TAP interface (existing, or created with CAP_NET_ADMIN); repeatable")
     p.add_argument("--cmdline", default="", metavar="STR", help="extra kernel command-line parameters")
-    p.add_argument("--mem", default="512M", metavar="SIZE", help="guest RAM, e.g. 256M or 2G (default: 512M)")
-    p.add_argument("--cpus", type=int, default=1, metavar="N", help="number of vCPUs (default: 1)")
+    p.add_argument("--mem", metavar="SIZE", help="guest RAM, e.g. 256M or 2G (default: 512M)")
+    p.add_argument("--cpus", type=int, metavar="N", help="number of vCPUs (default: 1)")
     p.add_argument("--hugepages", action="store_true", help="back guest RAM with the host's reserved hugepages")
     p.add_argument("--console", type=_console, default=("serial", None), metavar="[serial|virtio][,stdio|file:PATH]",
                    help="the primary console: the 16550A (ttyS0, default) or virtio-console (hvc0); "
@@ -108,36 +120,78 @@ def build_parser(prog: str = "kvmm", smoke: bool = False) -> argparse.ArgumentPa
     p.add_argument("--no-exitless", dest="exitless", action="store_false",
                    help="serve queue notifies as VM exits and INTx by KVM_IRQ_LINE (for comparison)")
     p.add_argument("--no-msix", dest="msix", action="store_false", help="offer virtio devices without MSI-X (INTx only)")
+    p.add_argument("--api-sock", metavar="PATH", help="serve the JSON control socket at PATH "
+                   "(status, pause, resume, snapshot, shutdown, stats; see 'kvmm ctl --help')")
     p.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
     p.add_argument("-v", "--verbose", action="store_true", help="log debugging detail")
     p.add_argument("--version", action="version", version=f"kvmm {__version__}")
     return p
 
 
+CTL_EPILOG = f"""\
+commands:
+  status            running, paused or stopped; uptime, vCPUs, memory
+  pause             stop the vCPUs and device work at a consistent point
+  resume            continue after pause
+  snapshot DIR      write a snapshot directory (kvmm --restore DIR continues it)
+  shutdown          end the VM (kvmm exits with status 0)
+  stats             exits to kvmm and device counters
+
+The answer is printed as JSON. exit status: 0 done, 1 refused (the answer says why),
+{EXIT_CTL_UNREACHABLE} the socket cannot be reached.
+"""
+
+
+def ctl_main(argv: list[str]) -> int:
+    """``kvmm ctl SOCKET COMMAND [DIR]``: one request to a running kvmm's control socket."""
+    p = argparse.ArgumentParser(prog="kvmm ctl", description="Send a command to a running kvmm's control socket.",
+                                epilog=CTL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("socket", help="the path given to kvmm --api-sock")
+    p.add_argument("command", choices=COMMANDS, metavar="COMMAND", help=", ".join(COMMANDS))
+    p.add_argument("path", nargs="?", metavar="DIR", help="snapshot: the directory to create")
+    args = p.parse_args(argv)
+    extra = {}
+    if args.command == "snapshot":
+        if not args.path:
+            p.error("snapshot needs a directory: kvmm ctl SOCKET snapshot DIR")
+        extra["path"] = os.path.abspath(args.path)  # the VM's working directory may differ
+    elif args.path:
+        p.error(f"{args.command} takes no argument")
+    try:
+        response = api_request(args.socket, args.command, **extra)
+    except (OSError, ValueError) as exc:
+        print(f"kvmm: error: cannot reach the control socket {args.socket}: {getattr(exc, 'strerror', None) or exc}",
+              file=sys.stderr)
+        return EXIT_CTL_UNREACHABLE
+    print(json.dumps(response, indent=1))
+    return 0 if response.get("ok") else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "ctl":
+        return ctl_main(argv[1:])
     smoke = bool(argv) and argv[0] == "smoke"
-    args = build_parser("kvmm smoke" if smoke else "kvmm", smoke).parse_args(argv[1:] if smoke else argv)
+    parser = build_parser("kvmm smoke" if smoke else "kvmm", smoke)
+    args = parser.parse_args(argv[1:] if smoke else argv)
+    restore = getattr(args, "restore", None)
+    if restore:
+        given = [opt for opt, value in (("--kernel", args.kernel), ("--initrd", args.initrd), ("--disk", args.disk),
+                 ("--net", args.net), ("--cmdline", args.cmdline), ("--mem", args.mem), ("--cpus", args.cpus))
+                 if value or value == 0]
+        if given:
+            parser.error(f"--restore takes the VM's configuration from the snapshot: drop {', '.join(given)}")
+    elif not args.kernel:
+        parser.error("the following arguments are required: --kernel (or --restore DIR)")
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="kvmm: %(message)s", stream=sys.stderr)
     try:
-        config = VmConfig(
-            kernel=args.kernel,
-            initrd=args.initrd,
-            cmdline=args.cmdline,
-            mem_size=parse_size(args.mem),
-            cpus=args.cpus,
-            hugepages=args.hugepages,
-            console_device=args.console[0],
-            console_path=args.console[1],
-            rng=args.rng,
-            stop_at_init=args.stop_at_init if not smoke or args.stop_at_init is not None else False,
-            disks=[DiskConfig.parse(spec) for spec in args.disk],
-            nets=[NetConfig.parse(spec) for spec in args.net],
-            exitless=args.exitless,
-            msix=args.msix,
-        )
-        with Machine(config) as machine:
+        if restore:
+            machine = Machine.restore(restore, console_path=args.console[1], stdin=True, verify_memory=args.verify_memory,
+                                      api_socket=args.api_sock)
+        else:
+            machine = Machine(_config(args, smoke))
+        with machine:
             if smoke:
                 expected = re.compile(args.expect.encode())
 
@@ -148,9 +202,6 @@ def main(argv: list[str] | None = None) -> int:
                 machine.console.listeners.insert(0, watch)  # type: ignore[union-attr]
             result = machine.run(timeout=args.timeout)
             exits = machine.exit_report()
-    except ConfigError as exc:
-        print(f"kvmm: error: {exc}", file=sys.stderr)
-        return exc.exit_status
     except KvmmError as exc:
         print(f"kvmm: error: {exc}", file=sys.stderr)
         return exc.exit_status
@@ -165,6 +216,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.stats:
         print("kvmm: exits: " + ", ".join(f"{k}={v}" for k, v in sorted(exits.items())), file=sys.stderr)
     return status
+
+
+def _config(args: argparse.Namespace, smoke: bool) -> VmConfig:
+    return VmConfig(
+        kernel=args.kernel,
+        initrd=args.initrd,
+        cmdline=args.cmdline,
+        mem_size=parse_size(args.mem or "512M"),
+        cpus=1 if args.cpus is None else args.cpus,
+        hugepages=args.hugepages,
+        console_device=args.console[0],
+        console_path=args.console[1],
+        rng=args.rng,
+        stop_at_init=args.stop_at_init if not smoke or args.stop_at_init is not None else False,
+        disks=[DiskConfig.parse(spec) for spec in args.disk],
+        nets=[NetConfig.parse(spec) for spec in args.net],
+        exitless=args.exitless,
+        msix=args.msix,
+        api_socket=args.api_sock,
+        )
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -25,6 +25,7 @@ class Outcome(enum.Enum):
     INTERRUPTED = "interrupted"
     TIMEOUT = "timeout"
     EXPECTED = "expected-output"  # kvmm smoke: the expected console line appeared
+    SHUTDOWN = "shutdown"  # the control socket's shutdown command
 
 
 # Exit statuses of the kvmm command (documented in the README).
@@ -45,7 +46,7 @@ class VmResult:
 
     @property
     def exit_status(self) -> int:
-        if self.outcome in (Outcome.POWEROFF, Outcome.RESET, Outcome.INIT_REACHED, Outcome.EXPECTED):
+        if self.outcome in (Outcome.POWEROFF, Outcome.RESET, Outcome.INIT_REACHED, Outcome.EXPECTED, Outcome.SHUTDOWN):
             return EXIT_OK
         if self.outcome is Outcome.PANIC:
             return EXIT_PANIC
@@ -114,7 +115,7 @@ def config_from_options(kernel: str, *, initrd: str | None = None, cmdline: str 
                         cpus: int = 1, disks: list[str | DiskConfig] | None = None, nets: list[str | NetConfig] | None = None,
                         console: str = "serial", console_file: str | None = None, hugepages: bool = False,
                         stop_at_init: bool | None = None, rng: bool = True, msix: bool = True, exitless: bool = True,
-                        stdin: bool = False) -> "VmConfig":
+                        stdin: bool = False, api_socket: str | None = None) -> "VmConfig":
     """A :class:`VmConfig` from the command line's options as keyword arguments:
     ``mem="256M"``, ``disks=["root.img", "data.img,ro"]``, ``nets=["tap=tap0"]``..."""
     from .memory import parse_size
@@ -125,7 +126,7 @@ def config_from_options(kernel: str, *, initrd: str | None = None, cmdline: str 
         console_device=console, console_path=console_file, stdin=stdin, stop_at_init=stop_at_init,
         disks=[d if isinstance(d, DiskConfig) else DiskConfig.parse(str(d)) for d in disks or []],
         nets=[n if isinstance(n, NetConfig) else NetConfig.parse(n) for n in nets or []],
-        rng=rng, msix=msix, exitless=exitless,
+        rng=rng, msix=msix, exitless=exitless, api_socket=api_socket,
     )
 
 
@@ -152,3 +153,4 @@ class VmConfig:
     rng: bool = True  # a virtio-rng device fed from the host's getrandom()
     host: HostKind | None = None
     default_cmdline: tuple[str, ...] = DEFAULT_CMDLINE
+    api_socket: str | None = None  # a control socket (kvmm.api) at this path

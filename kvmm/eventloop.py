@@ -27,23 +27,53 @@ class EventLoop:
         self.selector.register(self._wake_r, selectors.EVENT_READ, self._drain_wakeup)
         self._pending: deque[Callback] = deque()
         self._lock = threading.Lock()
+        self._quiescible: set[int] = set()
+        self._held: dict[int, Callback] | None = None
 
     @property
     def wakeup_fd(self) -> int:
         """Write a byte here (e.g. ``signal.set_wakeup_fd``) to wake the loop."""
         return self._wake_w
 
-    def add_reader(self, fd: int, callback: Callback) -> None:
+    def add_reader(self, fd: int, callback: Callback, quiesce: bool = True) -> None:
+        """Call ``callback`` when ``fd`` is readable. Readers that drive devices
+        (``quiesce``, the default) stop while the loop is held (a paused VM); the
+        control socket's keep going."""
+        if quiesce:
+            self._quiescible.add(fd)
+            if self._held is not None:
+                self._held[fd] = callback
+                return
         self.selector.register(fd, selectors.EVENT_READ, callback)
 
     def remove_reader(self, fd: int) -> None:
+        self._quiescible.discard(fd)
+        if self._held is not None:
+            self._held.pop(fd, None)
         try:
             self.selector.unregister(fd)
         except (KeyError, ValueError):
             pass
 
     def has_reader(self, fd: int) -> bool:
-        return fd in self.selector.get_map()
+        return fd in self.selector.get_map() or (self._held is not None and fd in self._held)
+
+    def hold(self) -> None:
+        """Stop serving device readers until :meth:`release` (their events wait in the
+        kernel: an eventfd's count, a tap's queue)."""
+        if self._held is not None:
+            return
+        self._held = {}
+        for fd in list(self._quiescible):
+            key = self.selector.get_map().get(fd)
+            if key is not None:
+                self._held[fd] = key.data
+                self.selector.unregister(fd)
+
+    def release(self) -> None:
+        held, self._held = self._held, None
+        for fd, callback in (held or {}).items():
+            self.selector.register(fd, selectors.EVENT_READ, callback)
 
     def call_soon(self, callback: Callback) -> None:
         """Run ``callback`` on the loop's thread (thread-safe)."""

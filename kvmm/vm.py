@@ -9,6 +9,7 @@ with a :class:`VmResult`; nothing a guest does raises out of a vCPU thread.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import logging
 import os
@@ -20,7 +21,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from . import x86
+from . import __version__, x86
+from .api import ApiServer
 from .console import ConsoleOutput, TerminalInput
 from .eventloop import EventLoop, drain_eventfd, make_eventfd
 from .devices.bus import MmioBus, PioBus
@@ -29,8 +31,8 @@ from .devices.debug import DEBUG_EXIT_PORT, POST_PORT, DebugExit, PostCode
 from .devices.i8042 import I8042
 from .devices.pci import PciBus
 from .devices.serial import COM1_BASE, COM1_IRQ, Serial8250
-from .errors import ConfigError, KvmError, KvmmError, KvmUnavailableError
-from .host import build_cmdline, detect_host
+from .errors import ConfigError, KvmError, KvmmError, KvmUnavailableError, SnapshotError
+from .host import HostKind, build_cmdline, detect_host
 from .irq import GsiRouter
 from .kvm import ioctls as K
 from .kvm.exits import (
@@ -44,9 +46,12 @@ from .kvm.exits import (
     SystemEventExit,
 )
 from .kvm.system import Kvm, Vcpu, Vm
+from .snapshot import MachineState, SavedConfig, SavedNet, Snapshot, VcpuStateIo, disk_identity, read_snapshot, \
+    restore_vm, save_vm, write_snapshot
 from .loader import BootInfo, load_linux, read_image
 from .loader import bootparams as bp
 from .memory import GuestMemory
+from .state import check_length
 from .virtio.blk import RawDisk, VirtioBlk
 from .virtio.console import VirtioConsole
 from .virtio.device import VirtioDevice
@@ -155,6 +160,34 @@ class Machine:
             config = config_from_options(**options)  # type: ignore[arg-type]
         elif options:
             raise ConfigError("give either a VmConfig or keyword options, not both")
+        self._setup(config, None)
+
+    @classmethod
+    def restore(cls, path: str | os.PathLike[str], *, console_path: str | None = None, stdin: bool = False,
+                verify_memory: bool = False, host: HostKind | None = None, api_socket: str | None = None) -> Machine:
+        """A machine recreated from the snapshot directory ``path``, ready to :meth:`run`
+        (or :meth:`launch`): the guest continues where the snapshot paused it. Raises
+        SnapshotError if the snapshot is damaged or does not match this host and its disks."""
+        started = time.monotonic()
+        snap = read_snapshot(path, verify_memory=verify_memory)
+        saved = snap.manifest.config
+        config = VmConfig(
+            kernel=saved.kernel, cmdline=saved.cmdline, mem_size=saved.mem_size, cpus=saved.cpus,
+            console_path=console_path, stdin=stdin, stop_at_init=False,
+            disks=[DiskConfig(d.path, d.read_only, d.serial) for d in saved.disks],
+            nets=[NetConfig(n.tap, n.mac) for n in saved.nets], exitless=saved.exitless, msix=saved.msix,
+            console_device=saved.console_device, rng=saved.rng, host=host, api_socket=api_socket,
+        )
+        machine = cls.__new__(cls)
+        machine._setup(config, snap)
+        machine.restored_in = time.monotonic() - started  # until start(): see _start_vcpus
+        machine._restore_started = started
+        return machine
+
+    restored_in: float | None = None
+    _restore_started: float | None = None
+
+    def _setup(self, config: VmConfig, snapshot: Snapshot | None) -> None:
         if not 1 <= config.cpus <= MAX_CPUS:
             raise ConfigError(f"--cpus must be between 1 and {MAX_CPUS}, not {config.cpus}")
         self.config = config
@@ -174,17 +207,23 @@ class Machine:
         self.loop = EventLoop()
         self.mem: GuestMemory | None = None
         self.console: ConsoleOutput | None = None
+        self._pause_requested = False
+        self._parked = 0
+        self._pause_cond = threading.Condition()
+        self._io_ident: int | None = None
+        self.api: ApiServer | None = None
         try:
-            self._build()
+            self._build(snapshot)
         except BaseException:
             self.close()
             raise
 
     # --- construction --------------------------------------------------------------------
-    def _build(self) -> None:
+    def _build(self, snapshot: Snapshot | None) -> None:
         cfg = self.config
-        kernel = read_image(cfg.kernel, "kernel")
-        initrd = read_image(cfg.initrd, "initrd") if cfg.initrd else None
+        if snapshot is None:
+            kernel = read_image(cfg.kernel, "kernel")
+            initrd = read_image(cfg.initrd, "initrd") if cfg.initrd else None
         for d in cfg.disks:
             self.disks.append(RawDisk(d.path, d.read_only, d.serial))
         for n in cfg.nets:
@@ -194,11 +233,17 @@ class Machine:
         defaults = cfg.default_cmdline
         if cfg.console_device == "virtio":
             defaults = tuple("console=hvc0" if w == "console=ttyS0" else w for w in defaults)
-        self.cmdline = build_cmdline(cfg.cmdline, defaults, self.host.extra_cmdline)
+        if snapshot is None:
+            self.cmdline = build_cmdline(cfg.cmdline, defaults, self.host.extra_cmdline)
+        else:
+            self.cmdline = cfg.cmdline  # the command line the snapshot's kernel booted with
         self.stop_at_init = (not self.host.userspace_works) if cfg.stop_at_init is None else cfg.stop_at_init
 
         # User input first (memory size, hugepages), then KVM.
-        self.mem = mem = GuestMemory.allocate(cfg.mem_size, cfg.hugepages)
+        if snapshot is None:
+            self.mem = mem = GuestMemory.allocate(cfg.mem_size, cfg.hugepages)
+        else:
+            self.mem = mem = GuestMemory.from_file(snapshot.memory_path, cfg.mem_size)
         self._kvm = kvm = Kvm()
         for cap, name in ((K.KVM_CAP_IRQCHIP, "in-kernel irqchip"), (K.KVM_CAP_PIT2, "in-kernel PIT"),
                           (K.KVM_CAP_USER_MEMORY, "user memory"), (K.KVM_CAP_IMMEDIATE_EXIT, "immediate_exit")):
@@ -213,17 +258,24 @@ class Machine:
         for slot, region in enumerate(mem.regions):
             vm.set_user_memory_region(slot, region.gpa, region.size, mem.host_address(region))
 
-        self.boot: BootInfo = load_linux(mem, kernel, self.cmdline, initrd, name=cfg.kernel)
-        x86.write_boot_tables(mem)
+        self.boot: BootInfo | None = None
+        if snapshot is None:
+            self.boot = load_linux(mem, kernel, self.cmdline, initrd, name=cfg.kernel)
+            x86.write_boot_tables(mem)
         if self.host.software_nested:
             LOG.info(
-                "host KVM is %s (software nested, no VT-x/AMD-V): adding kernel parameters '%s'%s",
+                "host KVM is %s (software nested, no VT-x/AMD-V): %s%s",
                 self.host.name,
-                " ".join(self.host.extra_cmdline),
-                " and delivering int3 (and stepping over fwait) by hand" if self.host.inject_int3 else "",
+                "" if snapshot else f"adding kernel parameters '{' '.join(self.host.extra_cmdline)}'",
+                (" and " if not snapshot else "") + "delivering int3 (and stepping over fwait) by hand"
+                if self.host.inject_int3 else "",
             )
-        LOG.info("%s %s, %d MiB, %d vCPU%s, cmdline: %s", self.boot.kind, cfg.kernel, cfg.mem_size >> 20,
-                 cfg.cpus, "s" if cfg.cpus > 1 else "", self.cmdline)
+        if snapshot is not None:
+            LOG.info("restoring %s: %s, %d MiB, %d vCPU%s, taken %s", snapshot.path, cfg.kernel, cfg.mem_size >> 20,
+                     cfg.cpus, "s" if cfg.cpus > 1 else "", snapshot.manifest.created)
+        elif self.boot is not None:
+            LOG.info("%s %s, %d MiB, %d vCPU%s, cmdline: %s", self.boot.kind, cfg.kernel, cfg.mem_size >> 20,
+                     cfg.cpus, "s" if cfg.cpus > 1 else "", self.cmdline)
 
         self.console = ConsoleOutput(path=cfg.console_path)
         self.console.listeners.append(self._watch_console)
@@ -232,7 +284,8 @@ class Machine:
         pio.register(COM1_BASE, 8, self.serial)
         self.i8042 = I8042(lambda: self.stop(self._guest_reset("guest reset through the i8042")))
         pio.register(0x60, 5, self.i8042)
-        pio.register(0x70, 2, Cmos())
+        self.cmos = Cmos()
+        pio.register(0x70, 2, self.cmos)
         self.post = PostCode(self._marker)
         pio.register(POST_PORT, 1, self.post)
         pio.register(DEBUG_EXIT_PORT, 1, DebugExit(self._debug_exit))
@@ -258,18 +311,27 @@ class Machine:
         # Host input goes to the primary console.
         self.input_device: Serial8250 | VirtioConsole = self.virtio_console or self.serial
         self.console.send_input = self.send
-        mem.write(bp.EBDA_START, x86.build_mptable(cfg.cpus, pci_irqs=self._pci_irqs))
+        if snapshot is None:
+            mem.write(bp.EBDA_START, x86.build_mptable(cfg.cpus, pci_irqs=self._pci_irqs))
 
         supported = kvm.supported_cpuid()
         msrs = x86.boot_msrs()
         for i in range(cfg.cpus):
             vcpu = vm.create_vcpu(i)
             x86.setup_cpuid(kvm, vcpu, cfg.cpus, supported, self.host.hidden_kvm_features)
-            self._set_msrs(vcpu, msrs)
-            x86.setup_fpu(vcpu)
-            x86.setup_lapic(vcpu)
-            if i == 0:
-                x86.setup_long_mode(vcpu, self.boot.entry, self.boot.boot_params)
+            if snapshot is None:
+                self._set_msrs(vcpu, msrs)
+                x86.setup_fpu(vcpu)
+                x86.setup_lapic(vcpu)
+                if i == 0 and self.boot is not None:
+                    x86.setup_long_mode(vcpu, self.boot.entry, self.boot.boot_params)
+        self._vcpu_state = VcpuStateIo(kvm.msr_index_list(), bool(kvm.check_extension(K.KVM_CAP_XSAVE)),
+                                       bool(kvm.check_extension(K.KVM_CAP_XCRS)))
+        if snapshot is not None:
+            self._load_state(snapshot.state)
+            self.restored_from = str(snapshot.path)
+        if cfg.api_socket:
+            self.api = ApiServer(self, cfg.api_socket)
 
     def _add_virtio(self, device: VirtioDevice) -> VirtioPciLegacy:
         """Put ``device`` on the PCI bus behind a legacy virtio-PCI transport, with INTA on
@@ -347,6 +409,156 @@ class Machine:
                 except KvmError:
                     LOG.debug("KVM refused MSR %#x; left at its reset value", index)
 
+    # --- snapshots ---------------------------------------------------------------------------
+    def _save_state(self) -> MachineState:
+        """Everything a restore needs besides RAM; vCPUs and device work must be paused."""
+        return MachineState(
+            save_vm(self.vm), [self._vcpu_state.save(vcpu) for vcpu in self.vm.vcpus], self.serial.save_state(),
+            self.cmos.save_state(), self.pci.save_state(), [t.save_state() for t in self.virtio],
+        )
+
+    def _load_state(self, st: MachineState) -> None:
+        """Apply a snapshot's state to the freshly built machine (nothing has run yet):
+        VM-wide KVM state, devices (PCI config space before the transports, whose ports
+        it places), then each vCPU."""
+        restore_vm(self.vm, st.vm)
+        self.serial.load_state(st.serial)
+        self.cmos.load_state(st.cmos)
+        self.pci.load_state(st.pci)
+        check_length("state.virtio", st.virtio, len(self.virtio))
+        for i, (transport, saved) in enumerate(zip(self.virtio, st.virtio)):
+            transport.load_state(saved, f"state.virtio[{i}]")
+        check_length("state.vcpus", st.vcpus, len(self.vm.vcpus))
+        for vcpu, saved in zip(self.vm.vcpus, st.vcpus):
+            self._vcpu_state.restore(vcpu, saved, f"state.vcpus[{vcpu.id}]")
+        self._restored = True
+
+    _restored = False
+
+    def _saved_config(self) -> SavedConfig:
+        cfg = self.config
+        return SavedConfig(
+            kernel=os.path.abspath(cfg.kernel), cmdline=self.cmdline, mem_size=cfg.mem_size, cpus=cfg.cpus,
+            disks=[disk_identity(d.path, d.read_only, d.serial) for d in cfg.disks],
+            nets=[SavedNet(n.tap, net.mac) for n, net in zip(cfg.nets, self.nets)], exitless=cfg.exitless,
+            msix=cfg.msix, console_device=cfg.console_device, rng=cfg.rng,
+        )
+
+    def snapshot(self, path: str | os.PathLike[str]) -> dict[str, Any]:
+        """Write a snapshot of the VM to the new directory ``path`` and return what was
+        written. A running VM is paused for the snapshot and resumes after it; disks are
+        flushed first. Safe to call from any thread."""
+        return self._on_io_thread(lambda: self._snapshot(path))  # type: ignore[no-any-return]
+
+    def _snapshot(self, path: str | os.PathLike[str]) -> dict[str, Any]:
+        started = time.monotonic()
+        was_paused = self.paused
+        if not was_paused:
+            self._pause()
+        try:
+            for disk in self.disks:
+                try:
+                    disk.flush()
+                except OSError as exc:
+                    raise SnapshotError(f"flushing disk {disk.path} before the snapshot failed: {exc.strerror}") from None
+            assert self.mem is not None
+            write_snapshot(path, self._saved_config(), self._save_state(), self.mem.save_sparse, self.mem.digest)
+        finally:
+            if not was_paused:
+                self._resume()
+        seconds = time.monotonic() - started
+        used = os.stat(os.path.join(path, "memory.bin")).st_blocks * 512
+        LOG.info("snapshot written to %s in %.0f ms (%d MiB of %d MiB RAM stored)", path, seconds * 1e3, used >> 20,
+                 self.config.mem_size >> 20)
+        return {"path": os.path.abspath(path), "seconds": round(seconds, 4), "memory_bytes_stored": used}
+
+    restored_from: str | None = None
+
+    @property
+    def stopped(self) -> bool:
+        return self._done.is_set()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "state": "stopped" if self.stopped else "paused" if self.paused else "running",
+            "uptime": round(time.monotonic() - self.stats.started, 3),
+            "cpus": self.config.cpus, "mem_size": self.config.mem_size, "restored_from": self.restored_from,
+            "kvmm_version": __version__,
+        }
+
+    # --- pause and resume -------------------------------------------------------------------
+    @property
+    def paused(self) -> bool:
+        return self._pause_requested
+
+    def pause(self, timeout: float = 10.0) -> None:
+        """Stop every vCPU at an instruction boundary, with any port or MMIO access it was
+        in the middle of completed, and hold the I/O thread's device work (queue notifies,
+        network input, console input). Safe to call from any thread."""
+        self._on_io_thread(lambda: self._pause(timeout))
+
+    def resume(self) -> None:
+        self._on_io_thread(self._resume)
+
+    def _pause(self, timeout: float = 10.0) -> None:
+        if self._pause_requested:
+            return
+        self._pause_requested = True
+        self._kick_vcpus()
+        deadline = time.monotonic() + timeout
+        with self._pause_cond:
+            while self._parked < sum(t.is_alive() for t in self._threads) and not self._stopping:
+                if time.monotonic() > deadline:
+                    self._pause_requested = False
+                    self._pause_cond.notify_all()
+                    raise KvmmError(f"the vCPUs did not pause within {timeout:g} s")
+                self._pause_cond.wait(0.02)
+        self.loop.hold()
+        if self.console is not None:
+            self.console.flush()
+        LOG.info("VM paused")
+
+    def _resume(self) -> None:
+        if not self._pause_requested:
+            return
+        self.loop.release()
+        with self._pause_cond:
+            self._pause_requested = False
+            self._pause_cond.notify_all()
+        LOG.info("VM resumed")
+
+    def _park(self) -> None:
+        """A vCPU thread waits here while the VM is paused (its KVM_RUN returned EINTR, so
+        KVM finished the instruction it was in: its state is consistent)."""
+        with self._pause_cond:
+            self._parked += 1
+            self._pause_cond.notify_all()
+            while self._pause_requested and not self._stopping:
+                self._pause_cond.wait()
+            self._parked -= 1
+
+    def _on_io_thread(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the I/O thread (where device work runs, so it sees no device
+        mid-request) and return its result; directly if that is this thread or none runs."""
+        if self._io_ident is None or self._io_ident == threading.get_ident():
+            return fn()
+        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+        def call() -> None:
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn())
+                except BaseException as exc:  # handed to the caller's thread
+                    fut.set_exception(exc)
+
+        self.loop.call_soon(call)
+        while True:
+            try:
+                return fut.result(timeout=0.1)
+            except concurrent.futures.TimeoutError:
+                if self._io_ident is None and fut.cancel():  # the loop ended before it ran
+                    return fn()
+
     # --- stopping ------------------------------------------------------------------------
     def stop(self, result: VmResult) -> None:
         """End the run with ``result`` (the first result wins) and kick every vCPU out."""
@@ -355,6 +567,8 @@ class Machine:
                 self._result = result
         self._stopping = True
         self._kick_vcpus()
+        with self._pause_cond:  # parked vCPUs leave too
+            self._pause_cond.notify_all()
         self._done.set()
 
     def _kick_vcpus(self) -> None:
@@ -454,6 +668,8 @@ class Machine:
                     for i in range(0, size * ex.count, size):
                         data[i : i + size] = pio.read(ex.port, size).to_bytes(size, "little")
             elif kind is InterruptedExit:
+                if self._pause_requested:
+                    self._park()
                 if self._dump_requested:
                     self._dump_vcpu(vcpu)
             elif kind is MmioExit:
@@ -558,6 +774,14 @@ class Machine:
             self._threads.append(t)
         for t in self._threads:
             t.start()
+        if self._restored:
+            # A notify the guest sent just before the snapshot is in no eventfd of this VM.
+            for transport in self.virtio:
+                self.loop.call_soon(transport.kick_ready_queues)
+        if self._restore_started is not None:
+            self.restored_in = time.monotonic() - self._restore_started
+            LOG.info("restored in %.1f ms (snapshot read, VM rebuilt, vCPUs running)", self.restored_in * 1e3)
+            self._restore_started = None
 
     def run(self, timeout: float | None = None) -> VmResult:
         """Run until the guest or a signal ends the VM (or ``timeout`` seconds pass).
@@ -588,11 +812,12 @@ class Machine:
                 except (ValueError, OSError, PermissionError):
                     stdin = None  # stdin closed or not pollable (a regular file): no input
             self._stdin = stdin
+            self._io_ident = threading.get_ident()
             self.start()
             while not self._done.is_set():
                 loop.run_once(timeout=0.05)
                 # Back-pressure: while the UART's input backlog is full, stop reading stdin.
-                if self._stdin is not None and loop.has_reader(0) != (self.input_device.rx_room() > 0):
+                if self._stdin is not None and not self.paused and loop.has_reader(0) != (self.input_device.rx_room() > 0):
                     if loop.has_reader(0):
                         loop.remove_reader(0)
                     else:
@@ -607,6 +832,7 @@ class Machine:
                 if t.is_alive():
                     LOG.warning("%s did not stop within 5 s", t.name)
         finally:
+            self._io_ident = None
             if raw_terminal is not None:
                 raw_terminal.restore()
             if main:
@@ -684,6 +910,9 @@ class Machine:
             if t.is_alive():
                 self._stopping = True
                 t.join(timeout=5)
+        if self.api is not None:
+            self.api.close()
+            self.api = None
         if getattr(self, "vm", None) is not None:
             self.vm.close()
         if self._kvm is not None:

@@ -161,8 +161,10 @@ class Queue:
         if not st.ready:
             return
         check_range(f"{where}.pfn", st.pfn, 1, 0xFFFF_FFFF)
-        if not self.activate_legacy(mem, st.pfn):
+        desc, _avail, _used, total = legacy_layout(st.pfn << 12, self.size)
+        if not mem.contains(desc, total):  # the QUEUE_PFN check, reported as the snapshot's fault
             raise SnapshotError(f"{where}: rings at PFN {st.pfn:#x} lie outside guest RAM")
+        self.activate_legacy(mem, st.pfn)
         self.last_avail_idx, self.used_idx, self.signalled_used = st.last_avail_idx, st.used_idx, st.signalled_used
         self.broken = st.broken
 

@@ -1,0 +1,408 @@
+"""Snapshots: a paused VM written to a directory, and read back as untrusted input.
+
+A snapshot directory holds three files (docs/snapshots.md):
+
+``manifest.json``
+    format name and version, the kvmm version, the machine's configuration (disks by
+    path with their size and modification time), the size and SHA-256 of the other two
+    files, and a SHA-256 over the manifest itself.
+``state.json``
+    every vCPU's KVM state, the in-kernel irqchip, PIT and kvmclock, and every device's
+    state dataclass (:class:`MachineState`, through :mod:`kvmm.state`).
+``memory.bin``
+    guest RAM, sparse: never-touched (all-zero) 64 KiB chunks are holes. A restore maps it
+    privately (copy-on-write), so it reads nothing up front.
+
+Restore checks the manifest's checksum, format and kvmm version, both files' sizes, the
+state's checksum and the disks' size and modification time before it creates anything;
+the memory checksum only on request (it reads all of RAM). Values inside the state are
+then checked by each device as the matching guest write would be.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .devices.cmos import CmosState
+from .devices.pci import PciBusState
+from .devices.serial import SerialState
+from .errors import KvmError, SnapshotError
+from .kvm.system import Vcpu, Vm
+from .state import from_json, to_json
+from .virtio.pci_legacy import VirtioTransportState
+
+LOG = logging.getLogger(__name__)
+
+FORMAT = "kvmm-snapshot"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+STATE = "state.json"
+MEMORY = "memory.bin"
+MAX_MANIFEST_BYTES = 1 << 20
+MAX_STATE_BYTES = 64 << 20
+MAX_SNAPSHOT_RAM = 1 << 40  # beyond any guest kvmm makes; a bigger number is damage  # 16 vCPUs of state is well under 1 MiB; anything near this is not ours
+
+# In-kernel irqchip ids (api.rst, KVM_GET_IRQCHIP).
+PIC_MASTER, PIC_SLAVE, IOAPIC = 0, 1, 2
+
+
+# --- the state ---------------------------------------------------------------------------
+@dataclass
+class VcpuState:
+    """One vCPU's KVM state as the raw ioctl structures (their size is checked on load)."""
+
+    id: int
+    mp_state: bytes
+    regs: bytes
+    sregs: bytes
+    xsave: bytes | None  # with KVM_CAP_XSAVE; else fpu
+    fpu: bytes | None
+    xcrs: bytes | None
+    lapic: bytes
+    msrs: list[list[int]]  # [index, value] for each MSR of KVM_GET_MSR_INDEX_LIST KVM could read
+    events: bytes
+
+
+@dataclass
+class VmState:
+    pic_master: bytes
+    pic_slave: bytes
+    ioapic: bytes
+    pit: bytes
+    clock: bytes
+
+
+@dataclass
+class MachineState:
+    vm: VmState
+    vcpus: list[VcpuState]
+    serial: SerialState
+    cmos: CmosState
+    pci: PciBusState
+    virtio: list[VirtioTransportState]
+
+
+@dataclass
+class SavedDisk:
+    path: str
+    read_only: bool
+    serial: str | None
+    size: int
+    mtime_ns: int
+
+
+@dataclass
+class SavedNet:
+    tap: str
+    mac: bytes
+
+
+@dataclass
+class SavedConfig:
+    """What the restored machine must be built as (the snapshot's devices, in order)."""
+
+    kernel: str
+    cmdline: str
+    mem_size: int
+    cpus: int
+    disks: list[SavedDisk]
+    nets: list[SavedNet]
+    exitless: bool
+    msix: bool
+    console_device: str
+    rng: bool
+
+
+@dataclass
+class FileEntry:
+    size: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    format: str
+    version: int
+    kvmm_version: str
+    created: str
+    host: str
+    config: SavedConfig
+    state: FileEntry
+    memory: FileEntry
+    checksum: str  # SHA-256 of the canonical JSON of the manifest with this field empty
+
+
+def _canonical(data: Any) -> bytes:
+    return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _manifest_checksum(manifest_json: dict[str, Any]) -> str:
+    return hashlib.sha256(_canonical({**manifest_json, "checksum": ""})).hexdigest()
+
+
+# --- vCPU and VM state through KVM -------------------------------------------------------
+class VcpuStateIo:
+    """Reads and writes vCPU state with what this host's KVM offers (XSAVE or FPU, XCRs,
+    the readable MSRs of its index list, probed once)."""
+
+    def __init__(self, msr_indices: list[int], has_xsave: bool, has_xcrs: bool) -> None:
+        self.msr_indices = msr_indices
+        self.has_xsave = has_xsave
+        self.has_xcrs = has_xcrs
+        self._readable: list[int] | None = None
+
+    def _readable_msrs(self, vcpu: Vcpu) -> list[int]:
+        if self._readable is None:
+            got = vcpu.get_msrs(self.msr_indices)
+            if len(got) == len(self.msr_indices):
+                self._readable = list(self.msr_indices)
+            else:  # KVM stops at the first MSR it cannot read: probe one by one, once
+                self._readable = [i for i in self.msr_indices if vcpu.get_msrs([i])]
+                LOG.debug("snapshot: %d of %d listed MSRs are readable", len(self._readable), len(self.msr_indices))
+        return self._readable
+
+    def save(self, vcpu: Vcpu) -> VcpuState:
+        msrs = vcpu.get_msrs(self._readable_msrs(vcpu))
+        return VcpuState(
+            id=vcpu.id,
+            mp_state=vcpu.get_state("mp_state"),
+            regs=vcpu.get_state("regs"),
+            sregs=vcpu.get_state("sregs"),
+            xsave=vcpu.get_state("xsave") if self.has_xsave else None,
+            fpu=None if self.has_xsave else vcpu.get_state("fpu"),
+            xcrs=vcpu.get_state("xcrs") if self.has_xcrs else None,
+            lapic=vcpu.get_state("lapic"),
+            msrs=[[index, value] for index, value in msrs.items()],
+            events=vcpu.get_state("events"),
+        )
+
+    def restore(self, vcpu: Vcpu, st: VcpuState, where: str) -> None:
+        """Set ``st`` on ``vcpu`` (CPUID already set) in the order KVM needs: MP state, then
+        registers, FPU, LAPIC, MSRs and last the pending events (as Firecracker does)."""
+        if st.id != vcpu.id:
+            raise SnapshotError(f"{where}: state of vCPU {st.id} given to vCPU {vcpu.id}")
+        if (st.xsave is None) == (st.fpu is None):
+            raise SnapshotError(f"{where}: exactly one of xsave and fpu must be saved")
+        if st.xsave is not None and not self.has_xsave:
+            raise SnapshotError(f"{where}: the snapshot has XSAVE state and this host's KVM lacks KVM_CAP_XSAVE")
+        if st.xcrs is not None and not self.has_xcrs:
+            raise SnapshotError(f"{where}: the snapshot has XCRs and this host's KVM lacks KVM_CAP_XCRS")
+        msrs: dict[int, int] = {}
+        for pair in st.msrs:
+            if len(pair) != 2 or not 0 <= pair[0] <= 0xFFFF_FFFF or not 0 <= pair[1] <= 0xFFFF_FFFF_FFFF_FFFF:
+                raise SnapshotError(f"{where}.msrs: {pair!r:.60} is not an [index, value] pair of 32 and 64 bits")
+            msrs[pair[0]] = pair[1]
+        steps: list[tuple[str, bytes | None]] = [
+            ("mp_state", st.mp_state), ("regs", st.regs), ("sregs", st.sregs), ("xsave", st.xsave),
+            ("fpu", st.fpu), ("xcrs", st.xcrs), ("lapic", st.lapic),
+        ]
+        for kind, blob in steps:
+            if blob is not None:
+                _kvm_set(where, kind, lambda: vcpu.set_state(kind, blob))
+        self._restore_msrs(vcpu, msrs, where)
+        _kvm_set(where, "events", lambda: vcpu.set_state("events", st.events))
+
+    @staticmethod
+    def _restore_msrs(vcpu: Vcpu, msrs: dict[int, int], where: str) -> None:
+        try:
+            vcpu.set_msrs(msrs)
+            return
+        except KvmError:
+            pass
+        # KVM validates each value; one it refuses (a feature this host lacks, or a
+        # corrupt value) is reported and left at its reset value, the others are set.
+        refused = []
+        for index, value in msrs.items():
+            try:
+                vcpu.set_msrs({index: value})
+            except KvmError:
+                refused.append(index)
+        LOG.warning("%s: KVM refused %d saved MSR(s): %s", where, len(refused), ", ".join(f"{i:#x}" for i in refused[:8]))
+
+
+def _kvm_set(where: str, kind: str, action: Any) -> None:
+    try:
+        action()
+    except KvmError as exc:
+        raise SnapshotError(f"{where}: KVM refused the saved {kind}: {exc}") from None
+
+
+def save_vm(vm: Vm) -> VmState:
+    return VmState(vm.get_irqchip(PIC_MASTER), vm.get_irqchip(PIC_SLAVE), vm.get_irqchip(IOAPIC), vm.get_pit2(), vm.get_clock())
+
+
+def restore_vm(vm: Vm, st: VmState) -> None:
+    """Irqchip, PIT and clock; each blob's chip id must be the one its field names."""
+    for chip_id, name in ((PIC_MASTER, "pic_master"), (PIC_SLAVE, "pic_slave"), (IOAPIC, "ioapic")):
+        blob = getattr(st, name)
+        if len(blob) < 4 or int.from_bytes(blob[:4], "little") != chip_id:
+            raise SnapshotError(f"vm.{name}: not the state of irqchip {chip_id}")
+        _kvm_set("vm", name, lambda: vm.set_irqchip(blob))
+    _kvm_set("vm", "pit", lambda: vm.set_pit2(st.pit))
+    _kvm_set("vm", "clock", lambda: vm.set_clock(st.clock))
+
+
+# --- files ---------------------------------------------------------------------------------
+def disk_identity(path: str, read_only: bool, serial: str | None) -> SavedDisk:
+    st = os.stat(path)
+    return SavedDisk(os.path.abspath(path), read_only, serial, st.st_size, st.st_mtime_ns)
+
+
+def write_snapshot(target: str | os.PathLike[str], config: SavedConfig, state: MachineState, save_memory: Any,
+                   memory_digest: Any) -> Manifest:
+    """Write a snapshot directory at ``target`` (which must not exist): into a temporary
+    directory beside it, fsync'd, then renamed, so a crash leaves no half snapshot."""
+    target = Path(target)
+    if target.exists():
+        raise SnapshotError(f"snapshot target {target} already exists")
+    if not target.parent.is_dir():
+        raise SnapshotError(f"snapshot target's directory {target.parent} does not exist")
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        tmp.mkdir()
+        state_bytes = _canonical(to_json(state))
+        _write_file(tmp / STATE, state_bytes)
+        fd = os.open(tmp / MEMORY, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            save_memory(fd)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        manifest = Manifest(
+            FORMAT, FORMAT_VERSION, __version__, datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            os.uname().nodename, config, FileEntry(len(state_bytes), hashlib.sha256(state_bytes).hexdigest()),
+            FileEntry(config.mem_size, memory_digest()), "",
+        )
+        data = to_json(manifest)
+        manifest = replace(manifest, checksum=_manifest_checksum(data))
+        _write_file(tmp / MANIFEST, json.dumps(to_json(manifest), indent=1, sort_keys=True).encode() + b"\n")
+        os.rename(tmp, target)
+        _fsync_dir(target.parent)
+    except OSError as exc:
+        raise SnapshotError(f"cannot write snapshot {target}: {exc.strerror or exc}") from None
+    finally:
+        if tmp.exists():
+            for f in tmp.iterdir():
+                f.unlink()
+            tmp.rmdir()
+    return manifest
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_limited(path: Path, limit: int, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as exc:
+        raise SnapshotError(f"cannot read the snapshot {what} {path}: {exc.strerror}") from None
+    if len(data) > limit:
+        raise SnapshotError(f"snapshot {what} {path} is larger than {limit} bytes")
+    return data
+
+
+@dataclass
+class Snapshot:
+    """A snapshot directory whose manifest and state passed every file-level check."""
+
+    path: Path
+    manifest: Manifest
+    state: MachineState
+
+    @property
+    def memory_path(self) -> str:
+        return str(self.path / MEMORY)
+
+
+def read_snapshot(path: str | os.PathLike[str], verify_memory: bool = False) -> Snapshot:
+    """Read and check a snapshot directory; raises SnapshotError naming the first problem."""
+    path = Path(path)
+    if not path.is_dir():
+        raise SnapshotError(f"{path} is not a snapshot directory")
+    raw = _read_limited(path / MANIFEST, MAX_MANIFEST_BYTES, "manifest")
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise SnapshotError(f"snapshot manifest {path / MANIFEST} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise SnapshotError(f"{path / MANIFEST} is not a kvmm snapshot manifest")
+    if data.get("version") != FORMAT_VERSION:
+        raise SnapshotError(f"snapshot format version {data.get('version')!r:.20} is not supported (this kvmm reads version {FORMAT_VERSION})")
+    if not isinstance(data.get("checksum"), str) or data["checksum"] != _manifest_checksum(data):
+        raise SnapshotError(f"snapshot manifest {path / MANIFEST} fails its checksum: it was modified or damaged")
+    manifest = from_json(Manifest, data, "manifest")
+    if manifest.kvmm_version != __version__:
+        raise SnapshotError(f"the snapshot was made by kvmm {manifest.kvmm_version}, this is kvmm {__version__}: "
+                            "restore it with the same version")
+    _check_config(manifest.config)
+    memory = path / MEMORY
+    try:
+        memory_size = memory.stat().st_size
+    except OSError as exc:
+        raise SnapshotError(f"snapshot memory {memory}: {exc.strerror}") from None
+    if memory_size != manifest.memory.size:
+        raise SnapshotError(f"snapshot memory {memory} is {memory_size} bytes, the manifest says {manifest.memory.size} (truncated?)")
+    state_raw = _read_limited(path / STATE, MAX_STATE_BYTES, "state")
+    if len(state_raw) != manifest.state.size or hashlib.sha256(state_raw).hexdigest() != manifest.state.sha256:
+        raise SnapshotError(f"snapshot state {path / STATE} does not match the manifest's size and checksum: "
+                            "it was modified, truncated or damaged")
+    try:
+        state = from_json(MachineState, json.loads(state_raw), "state")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise SnapshotError(f"snapshot state {path / STATE} is not valid JSON: {exc}") from None
+    if len(state.vcpus) != manifest.config.cpus:
+        raise SnapshotError(f"the snapshot state has {len(state.vcpus)} vCPUs, its configuration {manifest.config.cpus}")
+    if verify_memory:
+        with open(memory, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        if digest != manifest.memory.sha256:
+            raise SnapshotError(f"snapshot memory {memory} fails its checksum: it was modified or damaged")
+    return Snapshot(path, manifest, state)
+
+
+def _check_config(cfg: SavedConfig) -> None:
+    """The configuration's own consistency, and each disk unchanged since the snapshot."""
+    if not 1 <= cfg.cpus <= 16:
+        raise SnapshotError(f"snapshot configuration: {cfg.cpus} vCPUs is outside 1-16")
+    if not 1 << 20 <= cfg.mem_size <= MAX_SNAPSHOT_RAM or cfg.mem_size % 4096:
+        raise SnapshotError(f"snapshot configuration: memory size {cfg.mem_size} is not a page multiple within the limits")
+    if cfg.console_device not in ("serial", "virtio"):
+        raise SnapshotError(f"snapshot configuration: unknown console device {cfg.console_device!r:.20}")
+    for d in cfg.disks:
+        try:
+            st = os.stat(d.path)
+        except OSError as exc:
+            raise SnapshotError(f"snapshot disk {d.path}: {exc.strerror}") from None
+        if (st.st_size, st.st_mtime_ns) != (d.size, d.mtime_ns):
+            raise SnapshotError(
+                f"snapshot disk {d.path} changed since the snapshot was taken (size {st.st_size}, was {d.size}; "
+                f"modified {datetime.datetime.fromtimestamp(st.st_mtime_ns / 1e9).isoformat(timespec='seconds')}): "
+                "restoring would show the guest a disk that disagrees with its caches")
+    for n in cfg.nets:
+        if len(n.mac) != 6:
+            raise SnapshotError(f"snapshot configuration: MAC of {n.tap!r:.20} is {len(n.mac)} bytes")

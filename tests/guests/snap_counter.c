@@ -1,0 +1,145 @@
+/* The snapshot test guest: counts timer interrupts and does virtio-blk I/O on each.
+ *
+ * The PIT (channel 0, mode 2, 100 Hz) interrupts through the PIC on vector 0x20. On each
+ * new tick the main loop advances n, prints "tick n", writes sector n of the virtio-blk
+ * disk at 00:01.0 with the value n repeated, reads sector n-1 back and checks it holds
+ * n-1. A restored snapshot continues the sequence exactly: the console of the first run
+ * followed by the console of the restored run reads "tick 1" ... "tick END-1" with no
+ * gap or repeat. Ends with debug-exit 0x21 (status 97); "bad sector" and exit 1 on a
+ * mismatch. Interrupt-driven timing, polled I/O (the used ring, no virtio interrupts). */
+#include "guest.h"
+
+static inline void outw(u16 port, u16 v) { __asm__ volatile("outw %0, %1" : : "a"(v), "Nd"(port)); }
+static inline void outl(u16 port, u32 v) { __asm__ volatile("outl %0, %1" : : "a"(v), "Nd"(port)); }
+static inline u16 inw(u16 port) { u16 v; __asm__ volatile("inw %1, %0" : "=a"(v) : "Nd"(port)); return v; }
+static inline u32 inl(u16 port) { u32 v; __asm__ volatile("inl %1, %0" : "=a"(v) : "Nd"(port)); return v; }
+
+#ifndef END
+#define END 400
+#endif
+#define PIT_HZ 1193182
+#define TICK_HZ 100
+
+struct desc { u64 addr; u32 len; u16 flags, next; };
+struct __attribute__((packed)) idt_entry { u16 off0, sel; u8 ist, attr; u16 off1; u32 off2, zero; };
+struct __attribute__((packed)) idtr { u16 limit; u64 base; };
+struct frame;
+
+static struct idt_entry idt[256] __attribute__((aligned(16)));
+static u8 ring[3 * 4096] __attribute__((aligned(4096)));
+static struct __attribute__((packed)) { u32 type, reserved; u64 sector; } hdr;
+static u64 data[64];
+static volatile u8 status;
+static volatile u64 ticks;
+static u16 iobase, qsize, avail_idx;
+static volatile u16 *avail, *used;
+
+__attribute__((interrupt)) static void timer(struct frame *f)
+{
+    (void)f;
+    ticks++;
+    outb(0x20, 0x20); /* EOI to the master PIC */
+}
+
+__attribute__((interrupt)) static void spurious(struct frame *f) { (void)f; }
+
+static void set_gate(int vec, void (*handler)(struct frame *))
+{
+    u64 a = (u64)handler;
+    u16 cs;
+    __asm__ volatile("mov %%cs, %0" : "=r"(cs));
+    idt[vec] = (struct idt_entry){ (u16)a, cs, 0, 0x8e, (u16)(a >> 16), (u32)(a >> 32), 0 };
+}
+
+static u32 pci_read(u8 slot, u8 reg)
+{
+    outl(0xcf8, 0x80000000u | (slot << 11) | reg);
+    return inl(0xcfc);
+}
+
+static void put_dec(u64 v)
+{
+    char buf[24];
+    int i = 0;
+    do { buf[i++] = (char)('0' + v % 10); v /= 10; } while (v);
+    while (i)
+        putc_serial(buf[--i]);
+}
+
+static u8 request(u32 type, u64 sector)
+{
+    struct desc *d = (struct desc *)ring;
+    hdr.type = type;
+    hdr.sector = sector;
+    status = 0xee;
+    d[0] = (struct desc){ (u64)&hdr, 16, 1, 1 };
+    d[1] = (struct desc){ (u64)data, sizeof(data), type == 0 ? 1 | 2 : 1, 2 }; /* IN: device writes */
+    d[2] = (struct desc){ (u64)&status, 1, 2, 0 };
+    u16 seen = used[1];
+    avail[2 + avail_idx % qsize] = 0;
+    __asm__ volatile("" ::: "memory");
+    avail[1] = ++avail_idx;
+    outw(iobase + 16, 0);
+    while (used[1] == seen)
+        __asm__ volatile("pause" ::: "memory");
+    return status;
+}
+
+static void fail(const char *why, u64 n)
+{
+    puts_serial(why);
+    putc_serial(' ');
+    put_dec(n);
+    putc_serial('\n');
+    debug_exit(1);
+}
+
+ENTRY
+{
+    if ((pci_read(1, 0) & 0xffff) != 0x1af4) { puts_serial("no virtio device\n"); debug_exit(1); }
+    iobase = pci_read(1, 0x10) & ~3u;
+    outb(iobase + 18, 0);
+    outb(iobase + 18, 1 | 2);
+    outl(iobase + 4, 0);
+    outw(iobase + 14, 0);
+    qsize = inw(iobase + 12);
+    avail = (u16 *)(ring + 16 * qsize);
+    used = (u16 *)(ring + ((16 * qsize + 2 * (3 + qsize) + 4095) & ~4095UL));
+    outl(iobase + 8, (u32)((u64)ring >> 12));
+    outb(iobase + 18, 1 | 2 | 4);
+
+    for (int v = 0; v < 256; v++)
+        set_gate(v, spurious);
+    set_gate(0x20, timer);
+    struct idtr r = { sizeof(idt) - 1, (u64)idt };
+    __asm__ volatile("lidt %0" : : "m"(r));
+    /* 8259A: ICW1-4, IRQs 0-7 on vectors 0x20-0x27, only IRQ0 (the PIT) unmasked. */
+    outb(0x20, 0x11); outb(0x21, 0x20); outb(0x21, 0x04); outb(0x21, 0x01);
+    outb(0xa0, 0x11); outb(0xa1, 0x28); outb(0xa1, 0x02); outb(0xa1, 0x01);
+    outb(0x21, 0xfe); outb(0xa1, 0xff);
+    /* 8254 channel 0, lobyte/hibyte, mode 2 (rate generator). */
+    outb(0x43, 0x34);
+    outb(0x40, (PIT_HZ / TICK_HZ) & 0xff);
+    outb(0x40, (PIT_HZ / TICK_HZ) >> 8);
+    __asm__ volatile("sti");
+
+    u64 seen = ticks;
+    for (u64 n = 1; n < END; n++) {
+        while (ticks == seen)
+            __asm__ volatile("pause" ::: "memory");
+        seen = ticks;
+        puts_serial("tick ");
+        put_dec(n);
+        putc_serial('\n');
+        for (int i = 0; i < 64; i++)
+            data[i] = n;
+        if (request(1 /* OUT */, n) != 0)
+            fail("write failed", n);
+        if (request(0 /* IN */, n - 1) != 0)
+            fail("read failed", n);
+        for (int i = 0; i < 64; i++)
+            if (data[i] != n - 1)
+                fail("bad sector", n - 1);
+    }
+    debug_exit(0x21);
+}
