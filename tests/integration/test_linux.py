@@ -235,3 +235,78 @@ def test_smoke_against_the_guest_kernel(kernel_dir: Path, busybox_initramfs: Pat
         args += ["--initrd", str(busybox_initramfs)]
     res = subprocess.run(args, capture_output=True, timeout=BOOT_TIMEOUT + 60, cwd=ROOT)
     assert res.returncode == status, res.stderr.decode()[-2000:]
+
+
+def test_linux_snapshot_restore_keeps_answering_ping(kernel_dir: Path, spin_rootfs: Path, tmp_path: Path, netns) -> None:  # type: ignore[no-untyped-def]
+    """A Linux guest at its spinning /init (root on virtio-blk, eth0 on a tap) is
+    snapshotted, its kvmm killed, and restored: the kernel answers ping again."""
+    import json
+    import signal
+    import time
+
+    from kvmm.api import request
+
+    ns, tap = netns
+    sock, snap = tmp_path / "vm.sock", tmp_path / "snap"
+    first, second = tmp_path / "first.log", tmp_path / "second.log"
+
+    def kvmm(*args: str) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "kvmm", *args], cwd=ROOT,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def ping(count: int) -> str:
+        res = subprocess.run(["ip", "netns", "exec", ns, "ping", "-c", str(count), "-W", "10", "10.0.2.15"],
+                             capture_output=True, text=True, timeout=120)
+        print("\n" + res.stdout)
+        return res.stdout
+
+    proc = kvmm("--kernel", str(kernel_dir / "vmlinux"), "--mem", "256M", "--disk", str(spin_rootfs),
+                "--net", f"tap={tap},mac=52:54:00:12:34:56", "--console", f"file:{first}", "--stop-at-init", "no",
+                "--api-sock", str(sock), "--timeout", str(BOOT_TIMEOUT),
+                "--cmdline", "root=/dev/vda ip=10.0.2.15::10.0.2.1:255.255.255.0::eth0:off")
+    try:
+        deadline = time.monotonic() + BOOT_TIMEOUT
+        while "Run /sbin/init as init process" not in (first.read_text(errors="replace") if first.exists() else ""):
+            assert proc.poll() is None, proc.communicate()[1].decode()
+            assert time.monotonic() < deadline, "no init within the boot timeout"
+            time.sleep(1)
+        assert "3 received" in ping(3)
+        answer = request(str(sock), "snapshot", path=str(snap))
+        print(f"snapshot: {answer}")
+        assert answer["ok"], answer
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+
+    restored = kvmm("--restore", str(snap), "--console", f"file:{second}", "--api-sock", str(sock), "--stats",
+                    "--timeout", "300")
+    try:
+        deadline = time.monotonic() + 60
+        while not sock.exists():
+            assert restored.poll() is None, restored.communicate()[1].decode()
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        # The host's side: the tap lost its carrier when the first kvmm died; until the
+        # kernel's linkwatch brings it back (up to a second) the host drops what it sends.
+        while "state UP" not in subprocess.run(["ip", "netns", "exec", ns, "ip", "link", "show", tap],
+                                               capture_output=True, text=True).stdout:
+            assert time.monotonic() < deadline, "the tap's carrier did not come back"
+            time.sleep(0.1)
+        replies = ping(5)
+        status = request(str(sock), "status")
+        assert request(str(sock), "shutdown")["ok"]
+        _, err = restored.communicate(timeout=60)
+    finally:
+        if restored.poll() is None:
+            restored.kill()
+            restored.communicate()
+    log = err.decode()
+    print(log)
+    assert "5 received" in replies, replies
+    assert status["state"] == "running" and status["restored_from"] == str(snap)
+    assert restored.returncode == 0, log
+    m = re.search(r"restored in ([\d.]+) ms", log)
+    assert m, log
+    stats = dict(kv.split("=") for kv in log.split("kvmm: exits: ")[1].split("\n")[0].split(", "))
+    assert int(stats["net0_rx_frames"]) >= 5 and int(stats["net0_tx_frames"]) >= 5
+    print(json.dumps({"restore_ms": float(m.group(1)), "snapshot": answer}))
