@@ -5,6 +5,7 @@ coverage-guided) or replay a corpus with the tests (tests/test_fuzz_targets.py).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -16,13 +17,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from kvmm.devices.bus import PioBus  # noqa: E402
+from kvmm.devices.bus import MmioBus, PioBus  # noqa: E402
 from kvmm.devices.cmos import Cmos  # noqa: E402
 from kvmm.devices.i8042 import I8042  # noqa: E402
 from kvmm.devices.pci import PciBus, PciDevice  # noqa: E402
 from kvmm.devices.serial import Serial8250  # noqa: E402
+from kvmm.errors import SnapshotError  # noqa: E402
 from kvmm.eventloop import EventLoop  # noqa: E402
 from kvmm.memory import GuestMemory  # noqa: E402
+from kvmm.snapshot import MachineState, load_devices  # noqa: E402
+from kvmm.state import from_json  # noqa: E402
 from kvmm.virtio import blk as B  # noqa: E402
 from kvmm.virtio import console as C  # noqa: E402
 from kvmm.virtio import net as N  # noqa: E402
@@ -176,6 +180,31 @@ def fuzz_legacy_devices(data: bytes) -> None:
             assert 0 <= dev.pio_read(off, 1) <= 0xFF  # type: ignore[attr-defined]
         if r.take(1) == 0xFF:
             serial.receive(r.rest()[:32])
+
+
+def _snapshot_devices() -> tuple[Serial8250, Cmos, PciBus, list[L.VirtioPciLegacy]]:
+    """The devices a snapshot's state is loaded into: a UART, CMOS, and virtio-blk and
+    virtio-console with MSI-X on the PCI bus (the layout of the seed corpus)."""
+    pci = PciBus(PioBus(), MmioBus())
+    transports = [L.VirtioPciLegacy(dev, _mem, set_irq=lambda level: None, msix=True)  # type: ignore[arg-type]
+                  for dev in (B.VirtioBlk(_disk, _mem), C.VirtioConsole(_mem, lambda data: None))]
+    for t in transports:
+        pci.add(t)
+    return Serial8250(lambda out: None, lambda level: None), Cmos(), pci, transports
+
+
+def fuzz_snapshot_state(data: bytes) -> None:
+    """A snapshot's state.json (untrusted: a snapshot may come from anywhere), decoded and
+    loaded into fresh devices. Only SnapshotError may come out."""
+    try:
+        raw = json.loads(data)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return
+    try:
+        st = from_json(MachineState, raw, "state")
+        load_devices(st, *_snapshot_devices())
+    except SnapshotError:
+        pass
 
 
 TARGETS = {name[len("fuzz_"):]: fn for name, fn in list(globals().items()) if name.startswith("fuzz_")}

@@ -31,13 +31,13 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .devices.cmos import CmosState
-from .devices.pci import PciBusState
-from .devices.serial import SerialState
+from .devices.cmos import Cmos, CmosState
+from .devices.pci import PciBus, PciBusState
+from .devices.serial import Serial8250, SerialState
 from .errors import KvmError, SnapshotError
 from .kvm.system import Vcpu, Vm
-from .state import from_json, to_json
-from .virtio.pci_legacy import VirtioTransportState
+from .state import check_length, from_json, to_json
+from .virtio.pci_legacy import VirtioPciLegacy, VirtioTransportState
 
 LOG = logging.getLogger(__name__)
 
@@ -248,6 +248,18 @@ def restore_vm(vm: Vm, st: VmState) -> None:
         _kvm_set("vm", name, lambda: vm.set_irqchip(blob))
     _kvm_set("vm", "pit", lambda: vm.set_pit2(st.pit))
     _kvm_set("vm", "clock", lambda: vm.set_clock(st.clock))
+
+
+def load_devices(st: MachineState, serial: Serial8250, cmos: Cmos, pci: PciBus,
+                 transports: list[VirtioPciLegacy]) -> None:
+    """The devices' part of a restore, in dependency order: PCI config space first (it
+    places the BARs whose ports the transports' ioeventfds use), then the transports."""
+    serial.load_state(st.serial)
+    cmos.load_state(st.cmos)
+    pci.load_state(st.pci)
+    check_length("state.virtio", st.virtio, len(transports))
+    for i, (transport, saved) in enumerate(zip(transports, st.virtio)):
+        transport.load_state(saved, f"state.virtio[{i}]")
 
 
 # --- files ---------------------------------------------------------------------------------

@@ -46,8 +46,8 @@ from .kvm.exits import (
     SystemEventExit,
 )
 from .kvm.system import Kvm, Vcpu, Vm
-from .snapshot import MachineState, SavedConfig, SavedNet, Snapshot, VcpuStateIo, disk_identity, read_snapshot, \
-    restore_vm, save_vm, write_snapshot
+from .snapshot import MachineState, SavedConfig, SavedNet, Snapshot, VcpuStateIo, disk_identity, load_devices, \
+    read_snapshot, restore_vm, save_vm, write_snapshot
 from .loader import BootInfo, load_linux, read_image
 from .loader import bootparams as bp
 from .memory import GuestMemory
@@ -422,12 +422,7 @@ class Machine:
         VM-wide KVM state, devices (PCI config space before the transports, whose ports
         it places), then each vCPU."""
         restore_vm(self.vm, st.vm)
-        self.serial.load_state(st.serial)
-        self.cmos.load_state(st.cmos)
-        self.pci.load_state(st.pci)
-        check_length("state.virtio", st.virtio, len(self.virtio))
-        for i, (transport, saved) in enumerate(zip(self.virtio, st.virtio)):
-            transport.load_state(saved, f"state.virtio[{i}]")
+        load_devices(st, self.serial, self.cmos, self.pci, self.virtio)
         check_length("state.vcpus", st.vcpus, len(self.vm.vcpus))
         for vcpu, saved in zip(self.vm.vcpus, st.vcpus):
             self._vcpu_state.restore(vcpu, saved, f"state.vcpus[{vcpu.id}]")

@@ -50,6 +50,13 @@ class EchoDevice:
     def reset(self) -> None:
         self.resets += 1
 
+    def save_state(self) -> object:
+        return {"cfg": self.cfg.hex()}
+
+    def load_state(self, data: object) -> None:
+        assert isinstance(data, dict)
+        self.cfg = bytearray.fromhex(data["cfg"])
+
 
 @pytest.fixture
 def mem() -> GuestMemory:
