@@ -99,6 +99,9 @@ def build_parser(prog: str = "kvmm", smoke: bool = False) -> argparse.ArgumentPa
                        "(made by the control socket's snapshot command) instead of booting a kernel")
         p.add_argument("--verify-memory", action="store_true",
                        help="with --restore: check the snapshot memory's SHA-256 first (reads all of it)")
+    p.add_argument("--kernel-format", choices=("auto", "flat"), default="auto",
+                   help="auto: ELF vmlinux or bzImage (default); flat: a real-mode binary loaded and entered "
+                   "at 1000:0000, as kvmtool does (tiny test guests)")
     p.add_argument("--initrd", metavar="PATH", help="initial ramdisk (e.g. a gzip cpio archive)")
     p.add_argument("--disk", action="append", default=[], metavar="PATH[,ro][,serial=ID]",
                    help="raw disk image as a virtio-blk disk (vda, vdb, ... in order); repeatable")
@@ -235,6 +238,7 @@ def _config(args: argparse.Namespace, smoke: bool) -> VmConfig:
         exitless=args.exitless,
         msix=args.msix,
         api_socket=args.api_sock,
+        kernel_format=args.kernel_format,
         )
 
 

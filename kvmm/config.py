@@ -115,7 +115,7 @@ def config_from_options(kernel: str, *, initrd: str | None = None, cmdline: str 
                         cpus: int = 1, disks: list[str | DiskConfig] | None = None, nets: list[str | NetConfig] | None = None,
                         console: str = "serial", console_file: str | None = None, hugepages: bool = False,
                         stop_at_init: bool | None = None, rng: bool = True, msix: bool = True, exitless: bool = True,
-                        stdin: bool = False, api_socket: str | None = None) -> "VmConfig":
+                        stdin: bool = False, api_socket: str | None = None, kernel_format: str = "auto") -> "VmConfig":
     """A :class:`VmConfig` from the command line's options as keyword arguments:
     ``mem="256M"``, ``disks=["root.img", "data.img,ro"]``, ``nets=["tap=tap0"]``..."""
     from .memory import parse_size
@@ -126,7 +126,7 @@ def config_from_options(kernel: str, *, initrd: str | None = None, cmdline: str 
         console_device=console, console_path=console_file, stdin=stdin, stop_at_init=stop_at_init,
         disks=[d if isinstance(d, DiskConfig) else DiskConfig.parse(str(d)) for d in disks or []],
         nets=[n if isinstance(n, NetConfig) else NetConfig.parse(n) for n in nets or []],
-        rng=rng, msix=msix, exitless=exitless, api_socket=api_socket,
+        rng=rng, msix=msix, exitless=exitless, api_socket=api_socket, kernel_format=kernel_format,
     )
 
 
@@ -154,3 +154,4 @@ class VmConfig:
     host: HostKind | None = None
     default_cmdline: tuple[str, ...] = DEFAULT_CMDLINE
     api_socket: str | None = None  # a control socket (kvmm.api) at this path
+    kernel_format: str = "auto"  # "auto" (ELF vmlinux or bzImage) or "flat" (a real-mode binary at 1000:0000)

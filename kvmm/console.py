@@ -24,6 +24,7 @@ LOG = logging.getLogger(__name__)
 LineListener = Callable[[bytes], None]
 FLUSH_THRESHOLD = 4096
 TRANSCRIPT_LIMIT = 16 << 20
+LINE_LIMIT = 64 << 10  # the longest line handed to line listeners
 ESCAPE_CHAR = 0x01  # Ctrl-A, then 'x' quits (as QEMU's -nographic)
 
 
@@ -48,35 +49,43 @@ class ConsoleOutput:
         # The transcript that expect() searches (bounded: the oldest output goes first).
         self.transcript = bytearray()
         self._cursor = 0
-        self._cond = threading.Condition()
+        self._cond = threading.Condition(self.lock)
         self.ended: str | None = None  # why the VM ended, once it has
 
     def write(self, data: bytes) -> None:
-        with self._cond:
+        """Guest output (a vCPU thread, often one byte per call: kept cheap). Waiters in
+        :meth:`expect` are woken at a line end here, else by the I/O thread's periodic
+        :meth:`flush`."""
+        lines = None
+        with self.lock:
             self.transcript += data
             if len(self.transcript) > TRANSCRIPT_LIMIT:
                 cut = len(self.transcript) - TRANSCRIPT_LIMIT
                 del self.transcript[:cut]
                 self._cursor = max(0, self._cursor - cut)
-            self._cond.notify_all()
-        with self.lock:
             self._pending += data
             self.bytes_written += len(data)
-            nl = data.find(b"\n")
-            if nl < 0:
-                self._line += data
+            self._line += data
+            if b"\n" in data:
+                lines = self._line.split(b"\n")
+                self._line = bytearray(lines.pop())
+                self._flush_locked()
+                self._cond.notify_all()
+                self._unsignalled = False
+            else:
+                if len(self._line) > LINE_LIMIT:  # a guest that never ends its line: keep the tail
+                    del self._line[: len(self._line) - LINE_LIMIT]
+                self._unsignalled = True
                 if len(self._pending) >= FLUSH_THRESHOLD:
                     self._flush_locked()
-                return
-            self._line += data
-            lines = self._line.split(b"\n")
-            self._line = bytearray(lines.pop())
-            self._flush_locked()
-        for raw in lines:
-            line = bytes(raw).rstrip(b"\r")
-            self.last_lines.append(line)
-            for listener in self.listeners:
-                listener(line)
+        if lines:
+            for raw in lines:
+                line = bytes(raw).rstrip(b"\r")
+                self.last_lines.append(line)
+                for listener in self.listeners:
+                    listener(line)
+
+    _unsignalled = False
 
     def _flush_locked(self) -> None:
         if not self._pending:
@@ -95,6 +104,9 @@ class ConsoleOutput:
     def flush(self) -> None:
         with self.lock:
             self._flush_locked()
+            if self._unsignalled:  # output without a line end (a prompt) reaches expect() too
+                self._unsignalled = False
+                self._cond.notify_all()
 
     def expect(self, pattern: str | bytes | re.Pattern[bytes], timeout: float) -> re.Match[bytes]:
         """Wait for ``pattern`` (a regex) in the output since the last match; raises

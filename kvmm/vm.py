@@ -48,7 +48,7 @@ from .kvm.exits import (
 from .kvm.system import Kvm, Vcpu, Vm
 from .snapshot import MachineState, SavedConfig, SavedNet, Snapshot, VcpuStateIo, disk_identity, load_devices, \
     read_snapshot, restore_vm, save_vm, write_snapshot
-from .loader import BootInfo, load_linux, read_image
+from .loader import FLAT_SEGMENT, BootInfo, load_flat, load_linux, read_image
 from .loader import bootparams as bp
 from .memory import GuestMemory
 from .state import check_length
@@ -228,6 +228,8 @@ class Machine:
             self.disks.append(RawDisk(d.path, d.read_only, d.serial))
         for n in cfg.nets:
             self.taps.append(Tap(n.tap))
+        if cfg.kernel_format not in ("auto", "flat"):
+            raise ConfigError(f"unknown kernel format {cfg.kernel_format!r}: expected auto or flat")
         if cfg.console_device not in ("serial", "virtio"):
             raise ConfigError(f"unknown console device {cfg.console_device!r}: expected serial or virtio")
         defaults = cfg.default_cmdline
@@ -259,7 +261,11 @@ class Machine:
             vm.set_user_memory_region(slot, region.gpa, region.size, mem.host_address(region))
 
         self.boot: BootInfo | None = None
-        if snapshot is None:
+        if snapshot is None and cfg.kernel_format == "flat":
+            if initrd is not None:
+                raise ConfigError("a flat image takes no --initrd")
+            self.boot = load_flat(mem, kernel, name=cfg.kernel)
+        elif snapshot is None:
             self.boot = load_linux(mem, kernel, self.cmdline, initrd, name=cfg.kernel)
             x86.write_boot_tables(mem)
         if self.host.software_nested:
@@ -323,7 +329,9 @@ class Machine:
                 self._set_msrs(vcpu, msrs)
                 x86.setup_fpu(vcpu)
                 x86.setup_lapic(vcpu)
-                if i == 0 and self.boot is not None:
+                if i == 0 and self.boot is not None and self.boot.kind == "flat":
+                    x86.setup_real_mode(vcpu, FLAT_SEGMENT)
+                elif i == 0 and self.boot is not None:
                     x86.setup_long_mode(vcpu, self.boot.entry, self.boot.boot_params)
         self._vcpu_state = VcpuStateIo(kvm.msr_index_list(), bool(kvm.check_extension(K.KVM_CAP_XSAVE)),
                                        bool(kvm.check_extension(K.KVM_CAP_XCRS)))
@@ -565,6 +573,7 @@ class Machine:
         with self._pause_cond:  # parked vCPUs leave too
             self._pause_cond.notify_all()
         self._done.set()
+        self.loop.wake()  # the I/O thread may sit in select(): end the run now, not at its timeout
 
     def _kick_vcpus(self) -> None:
         """Bring every vCPU out of KVM_RUN: immediate_exit for the next entry, a signal for

@@ -91,6 +91,22 @@ def write_boot_tables(mem: GuestMemory) -> None:
         mem.write(pd0 + 0x1000 * i, struct.pack("<512Q", *entries))
 
 
+def setup_real_mode(vcpu: Vcpu, segment: int) -> None:
+    """Real mode at ``segment``:0000 with every segment register there (kvmtool's flat
+    binary entry); the rest of the vCPU keeps its reset state."""
+    sregs = vcpu.get_sregs()
+    for seg in (sregs.cs, sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss):
+        seg.selector = segment
+        seg.base = segment << 4
+        seg.limit = 0xFFFF
+    vcpu.set_sregs(sregs)
+    regs = ffi.new("struct kvm_regs *")
+    regs.rip = 0
+    regs.rsp = 0xFFF0
+    regs.rflags = 0x2
+    vcpu.set_regs(regs)
+
+
 def setup_long_mode(vcpu: Vcpu, entry: int, boot_params: int) -> None:
     """Registers for the 64-bit entry of the boot protocol."""
     sregs = vcpu.get_sregs()

@@ -211,3 +211,19 @@ def test_real_vmlinux_and_bzimage_of_the_same_kernel_load(kernel_dir: Path) -> N
     # at pref_address; the 64-bit entry is 0x200 bytes in.
     assert bz.kind == "bzImage" and bz.entry == (hdr.load_addr if hdr.relocatable else 0x100000) + 0x200
     assert mem2.read(hdr.load_addr, 64) == (kernel_dir / "bzImage").read_bytes()[hdr.payload_offset : hdr.payload_offset + 64]
+
+
+def test_flat_image_is_loaded_at_1000_0000(mem: GuestMemory) -> None:
+    from kvmm.loader import FLAT_LOAD_ADDR, load_flat
+
+    info = load_flat(mem, b"\xfa\xf4" * 100)
+    assert (info.kind, info.entry, FLAT_LOAD_ADDR) == ("flat", 0x10000, 0x10000)
+    assert mem.read(0x10000, 200) == b"\xfa\xf4" * 100
+
+
+@pytest.mark.parametrize("image,match", [(b"", "empty"), (bytes(0x90001), "must fit in 576 KiB")])
+def test_flat_image_too_large_or_empty_is_refused(mem: GuestMemory, image: bytes, match: str) -> None:
+    from kvmm.loader import load_flat
+
+    with pytest.raises(KernelImageError, match=match):
+        load_flat(mem, image)

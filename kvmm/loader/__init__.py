@@ -16,9 +16,10 @@ LOG = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class BootInfo:
-    """Where the vCPU starts: a 64-bit ``entry`` with ``rsi`` = ``boot_params``."""
+    """Where the vCPU starts: a 64-bit ``entry`` with ``rsi`` = ``boot_params`` (a flat
+    image: real mode at ``entry``, which is :data:`FLAT_LOAD_ADDR`)."""
 
-    kind: str  # "vmlinux" or "bzImage"
+    kind: str  # "vmlinux", "bzImage" or "flat"
     entry: int
     boot_params: int
     kernel_end: int
@@ -35,6 +36,24 @@ def read_image(path: str, what: str) -> bytes:
         raise KernelImageError(f"{what} {path!r} is a directory") from None
     except OSError as exc:
         raise KernelImageError(f"cannot read {what} {path!r}: {exc.strerror}") from None
+
+
+# A flat binary is loaded and entered where kvmtool puts one: 1000:0000 in real mode.
+FLAT_SEGMENT = 0x1000
+FLAT_LOAD_ADDR = FLAT_SEGMENT << 4
+FLAT_MAX_SIZE = 0xA0000 - FLAT_LOAD_ADDR  # up to the legacy VGA hole
+
+
+def load_flat(mem: GuestMemory, image: bytes, name: str = "kernel") -> BootInfo:
+    """A flat real-mode binary (a tiny test or benchmark guest every VMM can start):
+    copied to :data:`FLAT_LOAD_ADDR` and entered at its first byte in real mode."""
+    if not image:
+        raise KernelImageError(f"{name}: the flat image is empty")
+    if len(image) > FLAT_MAX_SIZE:
+        raise KernelImageError(f"{name}: a flat image must fit in {FLAT_MAX_SIZE >> 10} KiB below 640 KiB, "
+                               f"this one is {len(image) >> 10} KiB")
+    mem.write(FLAT_LOAD_ADDR, image)
+    return BootInfo("flat", FLAT_LOAD_ADDR, 0, FLAT_LOAD_ADDR + len(image), None)
 
 
 def load_linux(mem: GuestMemory, kernel: bytes, cmdline: str, initrd: bytes | None = None, name: str = "kernel") -> BootInfo:

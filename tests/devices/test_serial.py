@@ -150,3 +150,18 @@ def test_irq_line_only_toggles_on_change(uart: Uart) -> None:
     uart.dev.receive(b"a")
     uart.dev.receive(b"b")
     assert uart.irq_changes == [1]
+
+
+def test_console_line_buffer_is_bounded_for_a_guest_that_never_ends_a_line(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from kvmm.console import LINE_LIMIT, ConsoleOutput
+
+    seen: list[bytes] = []
+    out = ConsoleOutput(path=str(tmp_path / "c.log"))
+    out.listeners.append(seen.append)
+    for _ in range(3 * LINE_LIMIT // 4096):
+        out.write(b"x" * 4096)
+    assert len(out._line) <= LINE_LIMIT
+    out.write(b"end\n")
+    assert len(seen) == 1 and len(seen[0]) <= LINE_LIMIT + 4 and seen[0].endswith(b"xxend")
+    out.close()
+    assert (tmp_path / "c.log").stat().st_size == 3 * LINE_LIMIT + 4  # the output itself is complete

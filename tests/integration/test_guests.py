@@ -122,3 +122,27 @@ def test_regression_fwait_does_not_stop_the_vcpu(guests) -> None:  # type: ignor
     # task exited (fpu__drop). kvmm steps over fwait there; on hardware it runs natively.
     res = run_kvmm("-q", "--kernel", str(guests("fwait")), "--mem", "64M")
     assert res.stdout == b"fwait done\n" and res.returncode == EXIT_DEBUG_BASE + 9, res.stderr
+
+
+@pytest.fixture(scope="module")
+def flat_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The benchmark's 64 KiB flat images (scripts/bench_guests/flat.S)."""
+    out = tmp_path_factory.mktemp("flat")
+    subprocess.run([str(Path(__file__).resolve().parents[2] / "scripts" / "bench_guests" / "build.sh"), str(out)],
+                   check=True, capture_output=True)
+    return out
+
+
+def test_flat_real_mode_image_runs_and_resets(flat_images: Path) -> None:
+    # The same bytes QEMU takes as -bios and kvmtool as -k: 65536 THR writes, then an
+    # i8042 reset. Every byte reaches the console; the reset ends the VM with status 0.
+    res = run_kvmm("-q", "--kernel-format", "flat", "--kernel", str(flat_images / "flat_serial.bin"), "--mem", "16M")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == b"x" * 65536
+
+
+def test_flat_image_takes_no_initrd(flat_images: Path) -> None:
+    res = run_kvmm("-q", "--kernel-format", "flat", "--kernel", str(flat_images / "flat_reset.bin"),
+                   "--initrd", str(flat_images / "flat_reset.bin"))
+    assert res.returncode == 2 and b"takes no --initrd" in res.stderr
+

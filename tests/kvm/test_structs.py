@@ -49,3 +49,13 @@ def test_ioctl_number_matches_kernel_header(header_values: dict[str, int], name:
 @pytest.mark.parametrize("struct,field", OFFSETS)
 def test_field_offset_matches_kernel_header(header_values: dict[str, int], struct: str, field: str) -> None:
     assert ffi.offsetof(struct, field) == header_values[f"{struct}.{field}"]
+
+
+def test_the_preparsed_abi_module_is_current() -> None:
+    # kvmm/kvm/_abi.py (cffi out-of-line ABI mode) must be regenerated after cdef.py
+    # changes (scripts/gen-abi); a stale one would cost every start a pycparser run.
+    from kvmm.kvm import _abi
+    from kvmm.kvm.cdef import cdef_digest
+
+    assert _abi.CDEF_SHA256 == cdef_digest(), "run scripts/gen-abi"
+    assert ffi is _abi.ffi
