@@ -4,15 +4,9 @@
  * times the guest-visible transfer (Machine.markers). Checks the first 8 bytes of each
  * request hold its first MiB's index (the benchmark's image is filled that way) and ends with
  * debug-exit 0x22 (status 98), or "bad data" and exit 1. */
-#include "guest.h"
+#include "virtio.h"
 
-static inline void outw(u16 port, u16 v) { __asm__ volatile("outw %0, %1" : : "a"(v), "Nd"(port)); }
-static inline void outl(u16 port, u32 v) { __asm__ volatile("outl %0, %1" : : "a"(v), "Nd"(port)); }
-static inline u16 inw(u16 port) { u16 v; __asm__ volatile("inw %1, %0" : "=a"(v) : "Nd"(port)); return v; }
-static inline u32 inl(u16 port) { u32 v; __asm__ volatile("inl %1, %0" : "=a"(v) : "Nd"(port)); return v; }
 
-struct desc { u64 addr; u32 len; u16 flags, next; };
-struct used_elem { u32 id, len; };
 
 #define SEG (1 << 20)   /* the device's size_max */
 #define SEGS 8         /* data descriptors per request: 8 MiB requests */
@@ -23,14 +17,9 @@ static u8 ring[3 * 4096] __attribute__((aligned(4096)));
 static u8 buf[DEPTH][CHUNK] __attribute__((aligned(4096)));
 static struct __attribute__((packed)) { u32 type, reserved; u64 sector; } hdr[DEPTH];
 static volatile u8 status[DEPTH];
+static struct vq vq;
 static u16 iobase, qsize, avail_idx, used_seen;
 static volatile u16 *avail, *used;
-
-static u32 pci_read(u8 slot, u8 reg)
-{
-    outl(0xcf8, 0x80000000u | (slot << 11) | reg);
-    return inl(0xcfc);
-}
 
 static void submit(int slot, u64 sector)
 {
@@ -44,17 +33,8 @@ static void submit(int slot, u64 sector)
 
 ENTRY
 {
-    if ((pci_read(1, 0) & 0xffff) != 0x1af4) { puts_serial("no virtio device\n"); debug_exit(1); }
-    iobase = pci_read(1, 0x10) & ~3u;
-    outb(iobase + 18, 0);
-    outb(iobase + 18, 1 | 2);
-    outl(iobase + 4, 0);
-    outw(iobase + 14, 0);
-    qsize = inw(iobase + 12);
-    avail = (u16 *)(ring + 16 * qsize);
-    used = (u16 *)(ring + ((16 * qsize + 2 * (3 + qsize) + 4095) & ~4095UL));
-    outl(iobase + 8, (u32)((u64)ring >> 12));
-    outb(iobase + 18, 1 | 2 | 4);
+    virtio_start_queue0(ring, &vq);
+    iobase = vq.iobase, qsize = vq.size, avail = vq.avail, used = vq.used;
     u64 sectors = inl(iobase + 20) | ((u64)inl(iobase + 24) << 32); /* capacity (no MSI-X) */
     u64 chunks = sectors / (CHUNK / 512), issued = 0, done = 0;
 

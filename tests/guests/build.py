@@ -22,6 +22,6 @@ def build_guest(name: str, outdir: Path) -> Path:
     base, extra = VARIANTS.get(name, (name, []))
     src = HERE / f"{base}.c"
     out = outdir / f"{name}.elf"
-    if not out.exists() or out.stat().st_mtime < max(src.stat().st_mtime, (HERE / "guest.h").stat().st_mtime):
+    if not out.exists() or out.stat().st_mtime < max(p.stat().st_mtime for p in (src, *HERE.glob("*.h"))):
         subprocess.run(["gcc", *CFLAGS, *extra, "-o", str(out), str(src)], check=True)
     return out

@@ -33,6 +33,15 @@ static inline void put_hex(u64 v)
         putc_serial("0123456789abcdef"[(v >> i) & 0xf]);
 }
 
+static inline void put_dec(u64 v)
+{
+    char buf[24];
+    int i = 0;
+    do { buf[i++] = (char)('0' + v % 10); v /= 10; } while (v);
+    while (i)
+        putc_serial(buf[--i]);
+}
+
 static inline __attribute__((noreturn)) void debug_exit(u8 status)
 {
     outb(DEBUG_EXIT, status);

@@ -7,12 +7,8 @@
  * followed by the console of the restored run reads "tick 1" ... "tick END-1" with no
  * gap or repeat. Ends with debug-exit 0x21 (status 97); "bad sector" and exit 1 on a
  * mismatch. Interrupt-driven timing, polled I/O (the used ring, no virtio interrupts). */
-#include "guest.h"
+#include "virtio.h"
 
-static inline void outw(u16 port, u16 v) { __asm__ volatile("outw %0, %1" : : "a"(v), "Nd"(port)); }
-static inline void outl(u16 port, u32 v) { __asm__ volatile("outl %0, %1" : : "a"(v), "Nd"(port)); }
-static inline u16 inw(u16 port) { u16 v; __asm__ volatile("inw %1, %0" : "=a"(v) : "Nd"(port)); return v; }
-static inline u32 inl(u16 port) { u32 v; __asm__ volatile("inl %1, %0" : "=a"(v) : "Nd"(port)); return v; }
 
 #ifndef END
 #define END 400
@@ -20,7 +16,6 @@ static inline u32 inl(u16 port) { u32 v; __asm__ volatile("inl %1, %0" : "=a"(v)
 #define PIT_HZ 1193182
 #define TICK_HZ 100
 
-struct desc { u64 addr; u32 len; u16 flags, next; };
 struct __attribute__((packed)) idt_entry { u16 off0, sel; u8 ist, attr; u16 off1; u32 off2, zero; };
 struct __attribute__((packed)) idtr { u16 limit; u64 base; };
 struct frame;
@@ -31,6 +26,7 @@ static struct __attribute__((packed)) { u32 type, reserved; u64 sector; } hdr;
 static u64 data[64];
 static volatile u8 status;
 static volatile u64 ticks;
+static struct vq vq;
 static u16 iobase, qsize, avail_idx;
 static volatile u16 *avail, *used;
 
@@ -49,21 +45,6 @@ static void set_gate(int vec, void (*handler)(struct frame *))
     u16 cs;
     __asm__ volatile("mov %%cs, %0" : "=r"(cs));
     idt[vec] = (struct idt_entry){ (u16)a, cs, 0, 0x8e, (u16)(a >> 16), (u32)(a >> 32), 0 };
-}
-
-static u32 pci_read(u8 slot, u8 reg)
-{
-    outl(0xcf8, 0x80000000u | (slot << 11) | reg);
-    return inl(0xcfc);
-}
-
-static void put_dec(u64 v)
-{
-    char buf[24];
-    int i = 0;
-    do { buf[i++] = (char)('0' + v % 10); v /= 10; } while (v);
-    while (i)
-        putc_serial(buf[--i]);
 }
 
 static u8 request(u32 type, u64 sector)
@@ -96,17 +77,8 @@ static void fail(const char *why, u64 n)
 
 ENTRY
 {
-    if ((pci_read(1, 0) & 0xffff) != 0x1af4) { puts_serial("no virtio device\n"); debug_exit(1); }
-    iobase = pci_read(1, 0x10) & ~3u;
-    outb(iobase + 18, 0);
-    outb(iobase + 18, 1 | 2);
-    outl(iobase + 4, 0);
-    outw(iobase + 14, 0);
-    qsize = inw(iobase + 12);
-    avail = (u16 *)(ring + 16 * qsize);
-    used = (u16 *)(ring + ((16 * qsize + 2 * (3 + qsize) + 4095) & ~4095UL));
-    outl(iobase + 8, (u32)((u64)ring >> 12));
-    outb(iobase + 18, 1 | 2 | 4);
+    virtio_start_queue0(ring, &vq);
+    iobase = vq.iobase, qsize = vq.size, avail = vq.avail, used = vq.used;
 
     for (int v = 0; v < 256; v++)
         set_gate(v, spurious);

@@ -4,17 +4,12 @@
  *  - USE_MSIX: MSI-X enabled in the capability, table entry 1 -> this CPU's vector,
  *    queue 0 bound to vector 1 through the legacy MSI registers (device config at 24).
  * Prints the serial and how the interrupt came; debug-exit 0x10 on success, 1 on failure. */
-#include "guest.h"
+#include "virtio.h"
 
-static inline void outw(u16 port, u16 v) { __asm__ volatile("outw %0, %1" : : "a"(v), "Nd"(port)); }
-static inline void outl(u16 port, u32 v) { __asm__ volatile("outl %0, %1" : : "a"(v), "Nd"(port)); }
-static inline u16 inw(u16 port) { u16 v; __asm__ volatile("inw %1, %0" : "=a"(v) : "Nd"(port)); return v; }
-static inline u32 inl(u16 port) { u32 v; __asm__ volatile("inl %1, %0" : "=a"(v) : "Nd"(port)); return v; }
 static inline void mmio_w32(u64 a, u32 v) { *(volatile u32 *)a = v; }
 static inline u32 mmio_r32(u64 a) { return *(volatile u32 *)a; }
 
 struct __attribute__((packed)) gate { u16 off_lo, sel; u8 ist, type; u16 off_mid; u32 off_hi, zero; };
-struct desc { u64 addr; u32 len; u16 flags, next; };
 
 static struct gate idt[256] __attribute__((aligned(16)));
 static u8 ring[3 * 4096] __attribute__((aligned(4096)));
@@ -39,12 +34,6 @@ __attribute__((interrupt)) static void on_irq(struct interrupt_frame *frame)
 #endif
     interrupts++;
     mmio_w32(LAPIC + 0xb0, 0); /* EOI: KVM resamples the level-triggered line */
-}
-
-static u32 pci_read(u8 slot, u8 reg)
-{
-    outl(0xcf8, 0x80000000u | (slot << 11) | reg);
-    return inl(0xcfc);
 }
 
 ENTRY
