@@ -179,11 +179,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv[1:] if smoke else argv)
     restore = getattr(args, "restore", None)
     if restore:
-        given = [opt for opt, value in (("--kernel", args.kernel), ("--initrd", args.initrd), ("--disk", args.disk),
-                 ("--net", args.net), ("--cmdline", args.cmdline), ("--mem", args.mem), ("--cpus", args.cpus))
-                 if value or value == 0]
+        given = [opt for opt, value in (("--kernel", args.kernel), ("--initrd", args.initrd), ("--net", args.net),
+                 ("--cmdline", args.cmdline), ("--mem", args.mem), ("--cpus", args.cpus)) if value or value == 0]
         if given:
             parser.error(f"--restore takes the VM's configuration from the snapshot: drop {', '.join(given)}")
+        if any("," in spec for spec in args.disk):
+            parser.error("with --restore, --disk takes a path only (a copy of the snapshot's disk, in order)")
     elif not args.kernel:
         parser.error("the following arguments are required: --kernel (or --restore DIR)")
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
@@ -191,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if restore:
             machine = Machine.restore(restore, console_path=args.console[1], stdin=True, verify_memory=args.verify_memory,
-                                      api_socket=args.api_sock)
+                                      api_socket=args.api_sock, disks=args.disk or None)
         else:
             machine = Machine(_config(args, smoke))
         with machine:

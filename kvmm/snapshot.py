@@ -351,8 +351,13 @@ class Snapshot:
         return str(self.path / MEMORY)
 
 
-def read_snapshot(path: str | os.PathLike[str], verify_memory: bool = False) -> Snapshot:
-    """Read and check a snapshot directory; raises SnapshotError naming the first problem."""
+def read_snapshot(path: str | os.PathLike[str], verify_memory: bool = False,
+                  disk_paths: list[str] | None = None) -> Snapshot:
+    """Read and check a snapshot directory; raises SnapshotError naming the first problem.
+
+    ``disk_paths`` replaces the snapshot's disk paths, in order (a copy of each disk made
+    with its modification time preserved, so that several VMs restore one snapshot); the
+    copies must match the size and modification time the snapshot recorded."""
     path = Path(path)
     if not path.is_dir():
         raise SnapshotError(f"{path} is not a snapshot directory")
@@ -371,6 +376,11 @@ def read_snapshot(path: str | os.PathLike[str], verify_memory: bool = False) -> 
     if manifest.kvmm_version != __version__:
         raise SnapshotError(f"the snapshot was made by kvmm {manifest.kvmm_version}, this is kvmm {__version__}: "
                             "restore it with the same version")
+    if disk_paths is not None:
+        if len(disk_paths) != len(manifest.config.disks):
+            raise SnapshotError(f"the snapshot has {len(manifest.config.disks)} disk(s), {len(disk_paths)} path(s) were given")
+        disks = [replace(d, path=os.path.abspath(p)) for d, p in zip(manifest.config.disks, disk_paths)]
+        manifest = replace(manifest, config=replace(manifest.config, disks=disks))
     _check_config(manifest.config)
     memory = path / MEMORY
     try:

@@ -164,12 +164,15 @@ class Machine:
 
     @classmethod
     def restore(cls, path: str | os.PathLike[str], *, console_path: str | None = None, stdin: bool = False,
-                verify_memory: bool = False, host: HostKind | None = None, api_socket: str | None = None) -> Machine:
+                verify_memory: bool = False, host: HostKind | None = None, api_socket: str | None = None,
+                disks: list[str] | None = None) -> Machine:
         """A machine recreated from the snapshot directory ``path``, ready to :meth:`run`
-        (or :meth:`launch`): the guest continues where the snapshot paused it. Raises
-        SnapshotError if the snapshot is damaged or does not match this host and its disks."""
+        (or :meth:`launch`): the guest continues where the snapshot paused it. ``disks``
+        replaces the snapshot's disk paths in order (copies with their mtime preserved).
+        Raises SnapshotError if the snapshot is damaged or does not match this host and
+        its disks."""
         started = time.monotonic()
-        snap = read_snapshot(path, verify_memory=verify_memory)
+        snap = read_snapshot(path, verify_memory=verify_memory, disk_paths=disks)
         saved = snap.manifest.config
         config = VmConfig(
             kernel=saved.kernel, cmdline=saved.cmdline, mem_size=saved.mem_size, cpus=saved.cpus,

@@ -165,3 +165,25 @@ def test_bad_net_option(spec: str, status: int, guests) -> None:  # type: ignore
     res = run_kvmm("--kernel", str(guests("serial_hello")), f"--net={spec}")
     assert res.returncode == status, res.stderr.decode()
     assert len(error_lines(res)) == 1 and error_lines(res)[0].startswith("kvmm: error:")
+
+
+@pytest.mark.parametrize("extra", [["--kernel", "vmlinux"], ["--mem", "1G"], ["--cpus", "2"], ["--cmdline", "quiet"],
+                                   ["--net", "tap=t0"], ["--initrd", "x"]])
+def test_restore_takes_its_configuration_from_the_snapshot(tmp_path: Path, extra: list[str]) -> None:
+    res = run_kvmm("--restore", str(tmp_path), *extra)
+    assert res.returncode == 2 and b"takes the VM's configuration from the snapshot" in res.stderr
+
+
+def test_restore_of_a_directory_that_is_no_snapshot(tmp_path: Path) -> None:
+    res = run_kvmm("--restore", str(tmp_path))
+    assert res.returncode == 15 and res.stderr.startswith(b"kvmm: error: ") and b"manifest" in res.stderr
+
+
+def test_ctl_without_a_listening_socket(tmp_path: Path) -> None:
+    res = run_kvmm("ctl", str(tmp_path / "none.sock"), "status")
+    assert res.returncode == 16 and b"cannot reach the control socket" in res.stderr
+
+
+def test_ctl_snapshot_needs_a_directory(tmp_path: Path) -> None:
+    res = run_kvmm("ctl", str(tmp_path / "none.sock"), "snapshot")
+    assert res.returncode == 2 and b"snapshot needs a directory" in res.stderr

@@ -296,3 +296,31 @@ def test_features_never_offered_are_refused(paused_snapshot: tuple[Path, Path], 
 def test_vcpu_count_mismatch_is_refused(paused_snapshot: tuple[Path, Path], snap_copy: Path) -> None:
     rewrite_state(snap_copy, lambda s: s["vcpus"].append(s["vcpus"][0]))
     assert "2 vCPUs" in restore_refused(snap_copy, disk_of(snap_copy))
+
+
+def test_two_restores_of_one_snapshot_on_disk_copies(paused_snapshot: tuple[Path, Path], tmp_path: Path) -> None:
+    # Guest RAM is mapped copy-on-write, so a snapshot serves any number of restores;
+    # each gets its own disk copy (mtime preserved) through --disk.
+    snap, disk = paused_snapshot
+    results = []
+    for name in ("a", "b"):
+        copy = tmp_path / f"{name}.img"
+        shutil.copy2(disk, copy)
+        log = tmp_path / f"{name}.log"
+        res = run_kvmm("-q", "--restore", str(snap), "--disk", str(copy), "--console", f"file:{log}", timeout=120)
+        assert res.returncode == EXIT_COUNTER_DONE, res.stderr.decode()
+        results.append((log.read_bytes(), copy.read_bytes()))
+        check_disk(copy, END - 1)
+    assert results[0] == results[1]  # the same continuation, twice
+    assert disk.read_bytes() != results[0][1]  # the snapshot's own disk was not touched
+
+
+def test_disk_override_must_match_the_snapshot(paused_snapshot: tuple[Path, Path], snap_copy: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other.img"
+    other.write_bytes(bytes(1 << 20))  # same size, another mtime
+    res = run_kvmm("-q", "--restore", str(snap_copy), "--disk", str(other), timeout=60)
+    assert res.returncode == EXIT_SNAPSHOT and b"changed since the snapshot" in res.stderr
+    res = run_kvmm("-q", "--restore", str(snap_copy), "--disk", str(other), "--disk", str(other), timeout=60)
+    assert res.returncode == EXIT_SNAPSHOT and b"1 disk(s), 2 path(s)" in res.stderr
+    res = run_kvmm("-q", "--restore", str(snap_copy), "--disk", f"{other},ro", timeout=60)
+    assert res.returncode == 2 and b"takes a path only" in res.stderr
