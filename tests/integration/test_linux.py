@@ -238,7 +238,7 @@ def test_smoke_against_the_guest_kernel(kernel_dir: Path, busybox_initramfs: Pat
 
 
 def test_linux_snapshot_restore_keeps_answering_ping(kernel_dir: Path, spin_rootfs: Path, tmp_path: Path, netns) -> None:  # type: ignore[no-untyped-def]
-    """A Linux guest at its spinning /init (root on virtio-blk, eth0 on a tap) is
+    """A two-vCPU Linux guest at its spinning /init (root on virtio-blk, eth0 on a tap) is
     snapshotted, its kvmm killed, and restored: the kernel answers ping again."""
     import json
     import signal
@@ -260,7 +260,7 @@ def test_linux_snapshot_restore_keeps_answering_ping(kernel_dir: Path, spin_root
         print("\n" + res.stdout)
         return res.stdout
 
-    proc = kvmm("--kernel", str(kernel_dir / "vmlinux"), "--mem", "256M", "--disk", str(spin_rootfs),
+    proc = kvmm("--kernel", str(kernel_dir / "vmlinux"), "--mem", "256M", "--cpus", "2", "--disk", str(spin_rootfs),
                 "--net", f"tap={tap},mac=52:54:00:12:34:56", "--console", f"file:{first}", "--stop-at-init", "no",
                 "--api-sock", str(sock), "--timeout", str(BOOT_TIMEOUT),
                 "--cmdline", "root=/dev/vda ip=10.0.2.15::10.0.2.1:255.255.255.0::eth0:off")
