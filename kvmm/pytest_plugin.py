@@ -4,6 +4,7 @@
   command line's options as keywords, launches the VM in the background and returns the
   :class:`kvmm.Machine`. Every VM is stopped and closed when the test ends; its console
   log is kept in the test's tmp_path and attached to the report of a failing test.
+  ``kvmm_machine(restore=DIR, disks=[copy])`` continues a snapshot instead of booting.
 - ``--kvmm-kernel`` / ``--kvmm-disk`` give defaults for ``kernel`` and ``disks``.
 - ``@pytest.mark.kvm``: the test needs /dev/kvm and is skipped, with the reason, where it
   is missing or not accessible.
@@ -54,14 +55,22 @@ def kvmm_machine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cal
     machines: list[tuple[Machine, Path]] = []
     opts = request.config.option
 
-    def make(launch: bool = True, timeout: float | None = None, **options: Any) -> Machine:
+    def make(launch: bool = True, timeout: float | None = None, restore: str | os.PathLike[str] | None = None,
+             **options: Any) -> Machine:
+        log = tmp_path / f"console-{len(machines)}.log"
+        if restore is not None:  # continue a snapshot: Machine.restore's keywords only
+            options.setdefault("console_path", str(log))
+            m = Machine.restore(restore, **options)
+            machines.append((m, Path(options["console_path"])))
+            if launch:
+                m.launch(timeout)
+            return m
         if "kernel" not in options:
             if not opts.kvmm_kernel:
                 raise pytest.UsageError("kvmm_machine needs kernel=... or --kvmm-kernel")
             options["kernel"] = opts.kvmm_kernel
         if "disks" not in options and opts.kvmm_disk:
             options["disks"] = list(opts.kvmm_disk)
-        log = tmp_path / f"console-{len(machines)}.log"
         options.setdefault("console_file", str(log))
         m = Machine(config_from_options(**options))
         machines.append((m, Path(options["console_file"])))

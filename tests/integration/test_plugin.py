@@ -46,3 +46,20 @@ def test_default_kernel_option(pytester: pytest.Pytester, guests) -> None:  # ty
     """)
     result = pytester.runpytest_subprocess("--kvmm-kernel", str(guests("serial_hello")))
     result.assert_outcomes(passed=1)
+
+
+def test_fixture_restores_a_snapshot(guests, kvmm_machine, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(1 << 20))
+    m = kvmm_machine(kernel=guests("snap_counter"), mem="64M", disks=[str(disk)])
+    m.console.expect(rb"tick 5\n", timeout=60)
+    m.pause()
+    m.snapshot(tmp_path / "snap")
+    m.stop(m._guest_reset("snapshot taken"))
+    copy = tmp_path / "copy.img"
+    import shutil
+
+    shutil.copy2(disk, copy)
+    r = kvmm_machine(restore=tmp_path / "snap", disks=[str(copy)])
+    r.console.expect(rb"tick 100\n", timeout=60)
+    assert r.wait(timeout=60).exit_status == 64 + 0x21
