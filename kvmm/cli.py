@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import re
 import sys
 
 from . import __version__
-from .api import COMMANDS
-from .api import request as api_request
 from .errors import KvmmError
 from .memory import parse_size
 from .vm import DEFAULT_CMDLINE, EXIT_DEBUG_BASE, DiskConfig, Machine, NetConfig, Outcome, VmConfig, VmResult
@@ -147,6 +144,11 @@ The answer is printed as JSON. exit status: 0 done, 1 refused (the answer says w
 
 def ctl_main(argv: list[str]) -> int:
     """``kvmm ctl SOCKET COMMAND [DIR]``: one request to a running kvmm's control socket."""
+    import json
+
+    from .api import COMMANDS
+    from .api import request as api_request
+
     p = argparse.ArgumentParser(prog="kvmm ctl", description="Send a command to a running kvmm's control socket.",
                                 epilog=CTL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("socket", help="the path given to kvmm --api-sock")

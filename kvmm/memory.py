@@ -9,7 +9,6 @@ silently truncates and wraps negative indices, so no other code slices the mappi
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
 import mmap
@@ -156,6 +155,8 @@ class GuestMemory:
 
     def digest(self) -> str:
         """SHA-256 of all of RAM in mapping order (a snapshot's memory checksum)."""
+        import hashlib
+
         return hashlib.sha256(self._view).hexdigest()
 
     def host_address(self, region: Region) -> int:

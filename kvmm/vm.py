@@ -9,7 +9,6 @@ with a :class:`VmResult`; nothing a guest does raises out of a vCPU thread.
 
 from __future__ import annotations
 
-import concurrent.futures
 import functools
 import logging
 import os
@@ -19,10 +18,9 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from . import __version__, x86
-from .api import ApiServer
 from .console import ConsoleOutput, TerminalInput
 from .eventloop import EventLoop, drain_eventfd, make_eventfd
 from .devices.bus import MmioBus, PioBus
@@ -46,8 +44,6 @@ from .kvm.exits import (
     SystemEventExit,
 )
 from .kvm.system import Kvm, Vcpu, Vm
-from .snapshot import MachineState, SavedConfig, SavedNet, Snapshot, VcpuStateIo, disk_identity, load_devices, \
-    read_snapshot, restore_vm, save_vm, write_snapshot
 from .loader import FLAT_SEGMENT, BootInfo, load_flat, load_linux, read_image
 from .loader import bootparams as bp
 from .memory import GuestMemory
@@ -78,6 +74,10 @@ from .config import (
 )
 
 LOG = logging.getLogger(__name__)
+
+if TYPE_CHECKING:  # imported where used: a VM that never snapshots or serves a socket skips them at start
+    from .api import ApiServer
+    from .snapshot import MachineState, SavedConfig, Snapshot, VcpuStateIo
 
 # The configuration and result types live in kvmm.config; they are kvmm.vm's API too.
 __all__ = [
@@ -172,6 +172,8 @@ class Machine:
         Raises SnapshotError if the snapshot is damaged or does not match this host and
         its disks."""
         started = time.monotonic()
+        from .snapshot import read_snapshot
+
         snap = read_snapshot(path, verify_memory=verify_memory, disk_paths=disks)
         saved = snap.manifest.config
         config = VmConfig(
@@ -336,12 +338,12 @@ class Machine:
                     x86.setup_real_mode(vcpu, FLAT_SEGMENT)
                 elif i == 0 and self.boot is not None:
                     x86.setup_long_mode(vcpu, self.boot.entry, self.boot.boot_params)
-        self._vcpu_state = VcpuStateIo(kvm.msr_index_list(), bool(kvm.check_extension(K.KVM_CAP_XSAVE)),
-                                       bool(kvm.check_extension(K.KVM_CAP_XCRS)))
         if snapshot is not None:
             self._load_state(snapshot.state)
             self.restored_from = str(snapshot.path)
         if cfg.api_socket:
+            from .api import ApiServer
+
             self.api = ApiServer(self, cfg.api_socket)
 
     def _add_virtio(self, device: VirtioDevice) -> VirtioPciLegacy:
@@ -421,8 +423,24 @@ class Machine:
                     LOG.debug("KVM refused MSR %#x; left at its reset value", index)
 
     # --- snapshots ---------------------------------------------------------------------------
+    _vcpu_state_io: VcpuStateIo | None = None
+
+    @property
+    def _vcpu_state(self) -> VcpuStateIo:
+        """vCPU state through what this host's KVM offers (made at the first use)."""
+        if self._vcpu_state_io is None:
+            from .snapshot import VcpuStateIo
+
+            assert self._kvm is not None
+            kvm = self._kvm
+            self._vcpu_state_io = VcpuStateIo(kvm.msr_index_list(), bool(kvm.check_extension(K.KVM_CAP_XSAVE)),
+                                              bool(kvm.check_extension(K.KVM_CAP_XCRS)))
+        return self._vcpu_state_io
+
     def _save_state(self) -> MachineState:
         """Everything a restore needs besides RAM; vCPUs and device work must be paused."""
+        from .snapshot import MachineState, save_vm
+
         return MachineState(
             save_vm(self.vm), [self._vcpu_state.save(vcpu) for vcpu in self.vm.vcpus], self.serial.save_state(),
             self.cmos.save_state(), self.pci.save_state(), [t.save_state() for t in self.virtio],
@@ -432,6 +450,8 @@ class Machine:
         """Apply a snapshot's state to the freshly built machine (nothing has run yet):
         VM-wide KVM state, devices (PCI config space before the transports, whose ports
         it places), then each vCPU."""
+        from .snapshot import load_devices, restore_vm
+
         restore_vm(self.vm, st.vm)
         load_devices(st, self.serial, self.cmos, self.pci, self.virtio)
         check_length("state.vcpus", st.vcpus, len(self.vm.vcpus))
@@ -442,6 +462,8 @@ class Machine:
     _restored = False
 
     def _saved_config(self) -> SavedConfig:
+        from .snapshot import SavedConfig, SavedNet, disk_identity
+
         cfg = self.config
         return SavedConfig(
             kernel=os.path.abspath(cfg.kernel), cmdline=self.cmdline, mem_size=cfg.mem_size, cpus=cfg.cpus,
@@ -468,6 +490,8 @@ class Machine:
                 except OSError as exc:
                     raise SnapshotError(f"flushing disk {disk.path} before the snapshot failed: {exc.strerror}") from None
             assert self.mem is not None
+            from .snapshot import write_snapshot
+
             write_snapshot(path, self._saved_config(), self._save_state(), self.mem.save_sparse, self.mem.digest)
         finally:
             if not was_paused:
@@ -548,6 +572,8 @@ class Machine:
         mid-request) and return its result; directly if that is this thread or none runs."""
         if self._io_ident is None or self._io_ident == threading.get_ident():
             return fn()
+        import concurrent.futures
+
         fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
 
         def call() -> None:

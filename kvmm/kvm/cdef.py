@@ -13,7 +13,7 @@ stale, and ``tests/kvm/test_structs.py`` fails until it is regenerated.
 
 from __future__ import annotations
 
-import hashlib
+import zlib
 from pathlib import Path
 
 CDEF = """
@@ -356,7 +356,9 @@ struct kvm_run {
 
 
 def cdef_digest() -> str:
-    return hashlib.sha256(CDEF.encode()).hexdigest()
+    """A fingerprint of :data:`CDEF` (staleness of the generated module, not security:
+    CRC-32 costs nothing at start, where hashlib would load OpenSSL)."""
+    return f"{zlib.crc32(CDEF.encode()):08x}"
 
 
 def generate(path: Path = Path(__file__).with_name("_abi.py")) -> None:
@@ -368,4 +370,4 @@ def generate(path: Path = Path(__file__).with_name("_abi.py")) -> None:
     builder.set_source("kvmm.kvm._abi", None)
     builder.emit_python_code(str(path))
     with open(path, "a", encoding="ascii") as f:
-        f.write(f"\n# sha256 of kvmm.kvm.cdef.CDEF this module was generated from\nCDEF_SHA256 = {cdef_digest()!r}\n")
+        f.write(f"\n# kvmm.kvm.cdef.cdef_digest() of the declarations this module was generated from\nCDEF_DIGEST = {cdef_digest()!r}\n")

@@ -21,7 +21,7 @@ def _load_ffi() -> Any:
     try:
         from . import _abi
 
-        if _abi.CDEF_SHA256 == cdef_digest():
+        if getattr(_abi, "CDEF_DIGEST", None) == cdef_digest():
             return _abi.ffi
         LOG.warning("kvmm/kvm/_abi.py is older than kvmm/kvm/cdef.py: parsing the declarations "
                     "(slower start; regenerate with scripts/gen-abi)")

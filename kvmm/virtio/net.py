@@ -18,7 +18,6 @@ so frames move between guest memory and the tap with readv/writev and no parsing
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import struct
@@ -65,6 +64,8 @@ def parse_mac(text: str) -> bytes:
 
 def default_mac(seed: str) -> bytes:
     """A stable, locally administered unicast MAC in QEMU's 52:54:00 range."""
+    import hashlib
+
     return b"\x52\x54\x00" + hashlib.sha256(seed.encode()).digest()[:3]
 
 
