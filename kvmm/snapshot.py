@@ -36,7 +36,7 @@ from .devices.pci import PciBus, PciBusState
 from .devices.serial import Serial8250, SerialState
 from .errors import KvmError, SnapshotError
 from .kvm.system import Vcpu, Vm
-from .state import check_length, from_json, to_json
+from .state import check_length, from_json, prepare, to_json
 from .virtio.pci_legacy import VirtioPciLegacy, VirtioTransportState
 
 LOG = logging.getLogger(__name__)
@@ -428,3 +428,8 @@ def _check_config(cfg: SavedConfig) -> None:
     for n in cfg.nets:
         if len(n.mac) != 6:
             raise SnapshotError(f"snapshot configuration: MAC of {n.tap!r:.20} is {len(n.mac)} bytes")
+
+
+# Type hints resolved at import, not in the middle of a restore.
+prepare(Manifest)
+prepare(MachineState)

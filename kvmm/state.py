@@ -39,6 +39,15 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def prepare(cls: type) -> None:
+    """Resolve the type hints of ``cls`` and every state dataclass inside it now (string
+    annotations cost an ``eval`` each), so that decoding a snapshot later does not."""
+    for tp in _hints(cls).values():
+        for inner in (tp, *typing.get_args(tp)):
+            if dataclasses.is_dataclass(inner) and isinstance(inner, type):
+                prepare(inner)
+
+
 def from_json(cls: type[T], data: Any, where: str = "") -> T:
     """``data`` (as :func:`to_json` made it) as a ``cls``, every field type-checked."""
     where = where or cls.__name__

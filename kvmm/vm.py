@@ -260,10 +260,13 @@ class Machine:
         vm.set_tss_addr(TSS_ADDR)
         if kvm.check_extension(K.KVM_CAP_SET_IDENTITY_MAP_ADDR):
             vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
-        vm.create_irqchip()
-        vm.create_pit2()
+        # RAM before the irqchip (as Firecracker orders it): once an irqchip exists, every
+        # memslot change waits for an SRCU grace period, 7 ms here (measured), on the start
+        # path of every boot and restore.
         for slot, region in enumerate(mem.regions):
             vm.set_user_memory_region(slot, region.gpa, region.size, mem.host_address(region))
+        vm.create_irqchip()
+        vm.create_pit2()
 
         self.boot: BootInfo | None = None
         if snapshot is None and cfg.kernel_format == "flat":
