@@ -110,3 +110,12 @@ def test_allocate_maps_anonymous_memory() -> None:
     assert m.read_u32(0x123456) == 7
     assert m.size == 16 << 20
     m.close()
+
+
+def test_available_memory_agrees_with_psutil() -> None:
+    import psutil
+
+    from kvmm.memory import available_memory
+
+    # Both read MemAvailable; allow for the host's memory moving between the two reads.
+    assert abs(available_memory() - psutil.virtual_memory().available) < 256 << 20
