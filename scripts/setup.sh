@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/ensure-packages.sh linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev xz-utils \
-    busybox-static e2fsprogs cpio linux-libc-dev iproute2 iputils-ping
+    busybox-static e2fsprogs cpio linux-libc-dev iproute2 iputils-ping time
 
 py=python3
 if [ -x .venv/bin/python ]; then
