@@ -182,7 +182,7 @@ def _claim(path: str) -> None:
 def request(socket_path: str, command: str, timeout: float = 60.0, **args: Any) -> dict[str, Any]:
     """Send one request to a kvmm control socket and return its JSON response
     (``request("/tmp/vm.sock", "snapshot", path="snap1")``). Raises OSError if the socket
-    cannot be reached."""
+    cannot be reached, TimeoutError if no answer comes within ``timeout`` seconds."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as s:
         s.settimeout(timeout)
         s.connect(socket_path)
@@ -190,8 +190,12 @@ def request(socket_path: str, command: str, timeout: float = 60.0, **args: Any) 
         buf = b""
         deadline = time.monotonic() + timeout
         while b"\n" not in buf:
-            chunk = s.recv(65536)
-            if not chunk or time.monotonic() > deadline:
+            s.settimeout(max(deadline - time.monotonic(), 0.001))
+            try:
+                chunk = s.recv(65536)
+            except socket.timeout:  # connected, but no answer yet
+                raise TimeoutError(f"no answer to {command} within {timeout:g} s") from None
+            if not chunk:
                 raise OSError(f"kvmm closed the control connection without answering {command}")
             buf += chunk
     response = json.loads(buf.partition(b"\n")[0])

@@ -137,8 +137,8 @@ commands:
   shutdown          end the VM (kvmm exits with status 0)
   stats             exits to kvmm and device counters
 
-The answer is printed as JSON. exit status: 0 done, 1 refused (the answer says why),
-{EXIT_CTL_UNREACHABLE} the socket cannot be reached.
+The answer is printed as JSON. exit status: 0 done, 1 refused (the answer says why) or
+no answer within --timeout, {EXIT_CTL_UNREACHABLE} the socket cannot be reached.
 """
 
 
@@ -154,6 +154,8 @@ def ctl_main(argv: list[str]) -> int:
     p.add_argument("socket", help="the path given to kvmm --api-sock")
     p.add_argument("command", choices=COMMANDS, metavar="COMMAND", help=", ".join(COMMANDS))
     p.add_argument("path", nargs="?", metavar="DIR", help="snapshot: the directory to create")
+    p.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="how long to wait for the answer (default 600: a snapshot writes all of RAM)")
     args = p.parse_args(argv)
     extra = {}
     if args.command == "snapshot":
@@ -163,7 +165,10 @@ def ctl_main(argv: list[str]) -> int:
     elif args.path:
         p.error(f"{args.command} takes no argument")
     try:
-        response = api_request(args.socket, args.command, **extra)
+        response = api_request(args.socket, args.command, timeout=args.timeout, **extra)
+    except TimeoutError:
+        print(f"kvmm: error: {args.socket} gave no answer to {args.command} within {args.timeout:g} s", file=sys.stderr)
+        return 1
     except (OSError, ValueError) as exc:
         print(f"kvmm: error: cannot reach the control socket {args.socket}: {getattr(exc, 'strerror', None) or exc}",
               file=sys.stderr)

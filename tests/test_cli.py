@@ -187,3 +187,13 @@ def test_ctl_without_a_listening_socket(tmp_path: Path) -> None:
 def test_ctl_snapshot_needs_a_directory(tmp_path: Path) -> None:
     res = run_kvmm("ctl", str(tmp_path / "none.sock"), "snapshot")
     assert res.returncode == 2 and b"snapshot needs a directory" in res.stderr
+
+
+def test_ctl_gives_up_on_a_socket_that_never_answers(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(tmp_path / "mute.sock"))
+        server.listen(1)  # connections queue, nobody answers
+        res = run_kvmm("ctl", str(tmp_path / "mute.sock"), "status", "--timeout", "0.5")
+    assert res.returncode == 1 and b"gave no answer to status within 0.5 s" in res.stderr
