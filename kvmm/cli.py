@@ -118,7 +118,7 @@ def build_parser(prog: str = "kvmm", smoke: bool = False) -> argparse.ArgumentPa
                    help="end the VM (exit status 5) if it still runs after SECONDS" + (" (default 300)" if smoke else ""))
     p.add_argument("--stats", action="store_true", help="print the exits to kvmm by reason when the VM ends")
     p.add_argument("--no-exitless", dest="exitless", action="store_false",
-                   help="serve queue notifies as VM exits and INTx by KVM_IRQ_LINE (for comparison)")
+                   help="serve queue notifies and UART writes as VM exits and INTx by KVM_IRQ_LINE (for comparison)")
     p.add_argument("--no-msix", dest="msix", action="store_false", help="offer virtio devices without MSI-X (INTx only)")
     p.add_argument("--api-sock", metavar="PATH", help="serve the JSON control socket at PATH "
                    "(status, pause, resume, snapshot, shutdown, stats; see 'kvmm ctl --help')")

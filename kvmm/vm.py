@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from . import __version__, x86
 from .console import ConsoleOutput, TerminalInput
+from .coalesced import CoalescedPio
 from .eventloop import EventLoop, drain_eventfd, make_eventfd
 from .devices.bus import MmioBus, PioBus
 from .devices.cmos import Cmos
@@ -341,13 +342,26 @@ class Machine:
                     x86.setup_real_mode(vcpu, FLAT_SEGMENT)
                 elif i == 0 and self.boot is not None:
                     x86.setup_long_mode(vcpu, self.boot.entry, self.boot.boot_params)
+        self.coalesced: CoalescedPio | None = None
+        ring_page = kvm.check_extension(K.KVM_CAP_COALESCED_MMIO)
+        if cfg.exitless and ring_page and kvm.check_extension(K.KVM_CAP_COALESCED_PIO):
+            self.coalesced = CoalescedPio(vm, vm.vcpus[0].mapped_page(ring_page), pio)
         if snapshot is not None:
             self._load_state(snapshot.state)
             self.restored_from = str(snapshot.path)
+        if self.coalesced is not None:
+            self.serial.on_thri_change = self._coalesce_serial
+            self._coalesce_serial(self.serial.thri_enabled)
         if cfg.api_socket:
             from .api import ApiServer
 
             self.api = ApiServer(self, cfg.api_socket)
+
+    def _coalesce_serial(self, thri_enabled: bool) -> None:
+        """Queue THR writes in the coalesced ring while the guest polls the UART; let
+        them exit while it waits for the THR-empty interrupt (kvmm/coalesced.py)."""
+        assert self.coalesced is not None
+        self.coalesced.set_zone(COM1_BASE, 1, not thri_enabled)
 
     def _add_virtio(self, device: VirtioDevice) -> VirtioPciLegacy:
         """Put ``device`` on the PCI bus behind a legacy virtio-PCI transport, with INTA on
@@ -547,6 +561,8 @@ class Machine:
                     raise KvmmError(f"the vCPUs did not pause within {timeout:g} s")
                 self._pause_cond.wait(0.02)
         self.loop.hold()
+        if self.coalesced is not None:
+            self.coalesced.drain()  # the UART (and a snapshot of it) sees every write
         if self.console is not None:
             self.console.flush()
         LOG.info("VM paused")
@@ -686,9 +702,12 @@ class Machine:
         pio = self.pio
         exits = self.stats.exit_kinds
         run = vcpu.run
+        coalesced = self.coalesced
         while not self._stopping:
             # Dispatch on the exact class: cheaper per exit than isinstance() chains.
             ex: Any = run()
+            if coalesced is not None and coalesced.pending():
+                coalesced.drain()  # this vCPU's queued writes come before the access that exited
             kind = type(ex)
             exits[kind] += 1
             if kind is IoExit:
@@ -741,6 +760,7 @@ class Machine:
         report["int3_injected"] = self.stats.int3_injected
         report["fwait_skipped"] = self.stats.fwait_skipped
         report["console_bytes"] = self.console.bytes_written if self.console else 0
+        report["coalesced_pio_writes"] = self.coalesced.replayed if self.coalesced is not None else 0
         report["msi_interrupts"] = sum(v.fired for t in self.virtio for v in getattr(t, "msi_vectors", []))
         report["intx_interrupts"] = sum(getattr(t.set_irq, "asserts", 0) for t in self.virtio)
         if self.rng is not None:
@@ -858,6 +878,8 @@ class Machine:
                         loop.remove_reader(0)
                     else:
                         loop.add_reader(0, lambda: self._read_stdin(term))
+                if self.coalesced is not None and self.coalesced.pending():
+                    self.coalesced.drain()
                 console.flush()
                 if not any(t.is_alive() for t in self._threads):
                     self.stop(VmResult(Outcome.VMM_ERROR, "all vCPU threads ended"))
@@ -869,6 +891,8 @@ class Machine:
                     LOG.warning("%s did not stop within 5 s", t.name)
         finally:
             self._io_ident = None
+            if self.coalesced is not None:
+                self.coalesced.drain()
             if raw_terminal is not None:
                 raw_terminal.restore()
             if main:
@@ -949,6 +973,9 @@ class Machine:
         if self.api is not None:
             self.api.close()
             self.api = None
+        if getattr(self, "coalesced", None) is not None:
+            self.coalesced.close()  # type: ignore[union-attr]
+            self.coalesced = None
         if getattr(self, "vm", None) is not None:
             self.vm.close()
         if self._kvm is not None:

@@ -202,8 +202,17 @@ class Serial8250:
                 return self._msr()
             return self.scr
 
+    # Called (outside the lock) with True or False when the guest enables or disables the
+    # THR-empty interrupt: the machine queues THR writes only while it is disabled.
+    on_thri_change: Callable[[bool], None] | None = None
+
+    @property
+    def thri_enabled(self) -> bool:
+        return bool(self.ier & IER_THRI)
+
     def pio_write(self, offset: int, size: int, value: int) -> None:
         value &= 0xFF
+        thri_changed = False
         with self.lock:
             dlab = self.lcr & LCR_DLAB
             if offset == RBR_THR_DLL:
@@ -225,6 +234,7 @@ class Serial8250:
                     self.dlm = value
                     return
                 enabling_thri = value & IER_THRI and not self.ier & IER_THRI
+                thri_changed = bool(value & IER_THRI) != bool(self.ier & IER_THRI)
                 self.ier = value & IER_MASK
                 if enabling_thri:
                     # THR is empty, so enabling its interrupt raises it (16550 behaviour
@@ -244,3 +254,5 @@ class Serial8250:
             elif offset == SCR:
                 self.scr = value
             # LSR and MSR are read-only
+        if thri_changed and self.on_thri_change is not None:
+            self.on_thri_change(self.thri_enabled)

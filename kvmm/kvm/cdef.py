@@ -198,6 +198,12 @@ struct kvm_irqfd {
     uint8_t pad[16];
 };
 
+struct kvm_coalesced_mmio_zone {
+    uint64_t addr;
+    uint32_t size;
+    uint32_t pio;  /* a union with pad in <linux/kvm.h> */
+};
+
 struct kvm_ioeventfd {
     uint64_t datamatch;
     uint64_t addr;

@@ -57,6 +57,7 @@ ABI_SIZES: dict[str, int] = {
     "struct kvm_vcpu_events": 64,
     "struct kvm_irqfd": 32,
     "struct kvm_ioeventfd": 64,
+    "struct kvm_coalesced_mmio_zone": 16,
     "struct kvm_irq_routing_entry": 48,
     "struct kvm_irq_routing": 8,
     "struct kvm_irq_level": 8,

@@ -234,6 +234,12 @@ class Vm(_FdOwner):
         )
         ioctl_buf(self.fd, K.KVM_IOEVENTFD, ev)
 
+    def coalesce_pio(self, port: int, size: int, enable: bool = True) -> None:
+        """Let guest writes to ports ``[port, port+size)`` queue in the coalesced ring
+        instead of exiting (KVM_CAP_COALESCED_PIO), or stop that."""
+        zone = ffi.new("struct kvm_coalesced_mmio_zone *", {"addr": port, "size": size, "pio": 1})
+        ioctl_buf(self.fd, K.KVM_REGISTER_COALESCED_MMIO if enable else K.KVM_UNREGISTER_COALESCED_MMIO, zone)
+
     # --- in-kernel device state (snapshots) -------------------------------------------------
     def get_irqchip(self, chip_id: int) -> bytes:
         """One in-kernel interrupt controller (0: PIC master, 1: PIC slave, 2: IOAPIC)."""
@@ -294,6 +300,13 @@ class Vcpu(_FdOwner):
         self._map = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self._mapview = memoryview(self._map)
         self.run_struct = ffi.cast("struct kvm_run *", ffi.from_buffer(self._map))
+
+    def mapped_page(self, page: int) -> memoryview:
+        """Page ``page`` of this vCPU's mapping (e.g. the coalesced-MMIO ring)."""
+        size = mmap.PAGESIZE
+        if (page + 1) * size > len(self._map):
+            raise KvmError("mmap", errno.EINVAL, f"page {page} lies beyond the vCPU mapping")
+        return self._mapview[page * size : (page + 1) * size]
 
     def close(self) -> None:
         if getattr(self, "_map", None) is not None:

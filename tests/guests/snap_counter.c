@@ -7,6 +7,7 @@
  * followed by the console of the restored run reads "tick 1" ... "tick END-1" with no
  * gap or repeat. Ends with debug-exit 0x21 (status 97); "bad sector" and exit 1 on a
  * mismatch. Interrupt-driven timing, polled I/O (the used ring, no virtio interrupts). */
+#include "irq.h"
 #include "virtio.h"
 
 
@@ -16,11 +17,6 @@
 #define PIT_HZ 1193182
 #define TICK_HZ 100
 
-struct __attribute__((packed)) idt_entry { u16 off0, sel; u8 ist, attr; u16 off1; u32 off2, zero; };
-struct __attribute__((packed)) idtr { u16 limit; u64 base; };
-struct frame;
-
-static struct idt_entry idt[256] __attribute__((aligned(16)));
 static u8 ring[3 * 4096] __attribute__((aligned(4096)));
 static struct __attribute__((packed)) { u32 type, reserved; u64 sector; } hdr;
 static u64 data[64];
@@ -34,17 +30,7 @@ __attribute__((interrupt)) static void timer(struct frame *f)
 {
     (void)f;
     ticks++;
-    outb(0x20, 0x20); /* EOI to the master PIC */
-}
-
-__attribute__((interrupt)) static void spurious(struct frame *f) { (void)f; }
-
-static void set_gate(int vec, void (*handler)(struct frame *))
-{
-    u64 a = (u64)handler;
-    u16 cs;
-    __asm__ volatile("mov %%cs, %0" : "=r"(cs));
-    idt[vec] = (struct idt_entry){ (u16)a, cs, 0, 0x8e, (u16)(a >> 16), (u32)(a >> 32), 0 };
+    pic_eoi();
 }
 
 static u8 request(u32 type, u64 sector)
@@ -80,15 +66,9 @@ ENTRY
     virtio_start_queue0(ring, &vq);
     iobase = vq.iobase, qsize = vq.size, avail = vq.avail, used = vq.used;
 
-    for (int v = 0; v < 256; v++)
-        set_gate(v, spurious);
+    idt_init();
     set_gate(0x20, timer);
-    struct idtr r = { sizeof(idt) - 1, (u64)idt };
-    __asm__ volatile("lidt %0" : : "m"(r));
-    /* 8259A: ICW1-4, IRQs 0-7 on vectors 0x20-0x27, only IRQ0 (the PIT) unmasked. */
-    outb(0x20, 0x11); outb(0x21, 0x20); outb(0x21, 0x04); outb(0x21, 0x01);
-    outb(0xa0, 0x11); outb(0xa1, 0x28); outb(0xa1, 0x02); outb(0xa1, 0x01);
-    outb(0x21, 0xfe); outb(0xa1, 0xff);
+    pic_init(0xfe); /* only IRQ0, the PIT */
     /* 8254 channel 0, lobyte/hibyte, mode 2 (rate generator). */
     outb(0x43, 0x34);
     outb(0x40, (PIT_HZ / TICK_HZ) & 0xff);

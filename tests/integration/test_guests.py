@@ -146,3 +146,46 @@ def test_flat_image_takes_no_initrd(flat_images: Path) -> None:
                    "--initrd", str(flat_images / "flat_reset.bin"))
     assert res.returncode == 2 and b"takes no --initrd" in res.stderr
 
+
+
+def coalesced_pio_supported() -> bool:
+    from kvmm.kvm import ioctls as K
+    from kvmm.kvm.system import Kvm
+
+    with Kvm() as kvm:
+        return bool(kvm.check_extension(K.KVM_CAP_COALESCED_MMIO) and kvm.check_extension(K.KVM_CAP_COALESCED_PIO))
+
+
+def exit_stats(stderr: bytes) -> dict[str, int]:
+    line = stderr.decode().split("kvmm: exits: ")[1].splitlines()[0]
+    return {k: int(v) for k, v in (kv.split("=") for kv in line.split(", "))}
+
+
+MESSAGE = b"interrupt-driven output\n" + bytes(b"0123456789" * 100) + b"\n"
+
+
+@pytest.mark.parametrize("exitless", [True, False])
+def test_interrupt_driven_uart_then_polled_burst(guests, exitless: bool) -> None:  # type: ignore[no-untyped-def]
+    # Enabling the THR-empty interrupt must stop the coalescing of THR writes (each write
+    # has to raise THRE at once); disabling it may start it again. A lost interrupt
+    # leaves the guest halted until the timeout.
+    res = run_kvmm("-q", "--kernel", str(guests("serial_irq")), "--mem", "16M", "--stats", "--timeout", "30",
+                   *([] if exitless else ["--no-exitless"]))
+    assert res.returncode == EXIT_DEBUG_BASE + 0x23, res.stderr
+    assert res.stdout == MESSAGE
+    stats = exit_stats(res.stderr)
+    if exitless and coalesced_pio_supported():
+        assert stats["coalesced_pio_writes"] >= 900 and stats["IoExit"] < 200
+    else:
+        assert stats["coalesced_pio_writes"] == 0 and stats["IoExit"] > 1000
+
+
+def test_polled_serial_output_is_coalesced(flat_images: Path) -> None:
+    if not coalesced_pio_supported():
+        pytest.skip("this host's KVM lacks KVM_CAP_COALESCED_PIO")
+    res = run_kvmm("-q", "--kernel-format", "flat", "--kernel", str(flat_images / "flat_serial.bin"), "--mem", "16M",
+                   "--stats")
+    assert res.returncode == 0 and res.stdout == b"x" * 65536
+    stats = exit_stats(res.stderr)
+    # 65536 THR writes, about one exit per ring-full (170 entries) instead of one each.
+    assert stats["coalesced_pio_writes"] > 60000 and stats["IoExit"] < 1000
