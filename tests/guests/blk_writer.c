@@ -12,8 +12,6 @@ static struct __attribute__((packed)) { u32 type, reserved; u64 sector; } hdr;
 static u64 data[64];
 static volatile u8 status;
 static struct vq vq;
-static u16 iobase, qsize, avail_idx;
-static volatile u16 *avail, *used;
 
 static u8 request(u32 type, u64 sector, int with_data)
 {
@@ -29,20 +27,13 @@ static u8 request(u32 type, u64 sector, int with_data)
         d[0].next = 2;
         d[2] = (struct desc){ (u64)&status, 1, 2, 0 };
     }
-    u16 seen = used[1];
-    avail[2 + avail_idx % qsize] = 0;
-    __asm__ volatile("" ::: "memory");
-    avail[1] = ++avail_idx;
-    outw(iobase + 16, 0);
-    while (used[1] == seen)
-        __asm__ volatile("pause" ::: "memory");
+    vq_run_chain(&vq, 0);
     return status;
 }
 
 ENTRY
 {
     virtio_start_queue0(ring, &vq);
-    iobase = vq.iobase, qsize = vq.size, avail = vq.avail, used = vq.used;
 
     for (u64 k = 0; k < MAX_SECTORS; k++) {
         for (int i = 0; i < 64; i++)

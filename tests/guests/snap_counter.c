@@ -23,8 +23,6 @@ static u64 data[64];
 static volatile u8 status;
 static volatile u64 ticks;
 static struct vq vq;
-static u16 iobase, qsize, avail_idx;
-static volatile u16 *avail, *used;
 
 __attribute__((interrupt)) static void timer(struct frame *f)
 {
@@ -42,13 +40,7 @@ static u8 request(u32 type, u64 sector)
     d[0] = (struct desc){ (u64)&hdr, 16, 1, 1 };
     d[1] = (struct desc){ (u64)data, sizeof(data), type == 0 ? 1 | 2 : 1, 2 }; /* IN: device writes */
     d[2] = (struct desc){ (u64)&status, 1, 2, 0 };
-    u16 seen = used[1];
-    avail[2 + avail_idx % qsize] = 0;
-    __asm__ volatile("" ::: "memory");
-    avail[1] = ++avail_idx;
-    outw(iobase + 16, 0);
-    while (used[1] == seen)
-        __asm__ volatile("pause" ::: "memory");
+    vq_run_chain(&vq, 0);
     return status;
 }
 
@@ -64,7 +56,6 @@ static void fail(const char *why, u64 n)
 ENTRY
 {
     virtio_start_queue0(ring, &vq);
-    iobase = vq.iobase, qsize = vq.size, avail = vq.avail, used = vq.used;
 
     idt_init();
     set_gate(0x20, timer);

@@ -22,7 +22,21 @@ static inline u32 pci_read(u8 slot, u8 reg)
 struct vq {
     u16 iobase, size;
     volatile u16 *avail, *used; /* flags, idx, ring[] */
+    u16 avail_idx;              /* the driver's next available index */
 };
+
+/* Make the chain headed by ``head`` available, notify queue 0 and wait (polling the used
+ * ring) until the device has used it. */
+static inline void vq_run_chain(struct vq *q, u16 head)
+{
+    u16 seen = q->used[1];
+    q->avail[2 + q->avail_idx % q->size] = head;
+    __asm__ volatile("" ::: "memory");
+    q->avail[1] = ++q->avail_idx;
+    outw(q->iobase + 16, 0);
+    while (q->used[1] == seen)
+        __asm__ volatile("pause" ::: "memory");
+}
 
 /* Bring up queue 0 of the virtio device in PCI slot 1 with no features, its rings in
  * ``ring`` (3 pages, page-aligned), polled. Exits the guest with status 1 if absent. */
