@@ -108,7 +108,7 @@ class ApiServer:
     def handle_line(self, line: bytes) -> dict[str, Any]:
         try:
             request = json.loads(line)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             return {"ok": False, "error": "the request is not valid JSON"}
         try:
             if not isinstance(request, dict) or not isinstance(request.get("command"), str):

@@ -364,7 +364,7 @@ def read_snapshot(path: str | os.PathLike[str], verify_memory: bool = False,
     raw = _read_limited(path / MANIFEST, MAX_MANIFEST_BYTES, "manifest")
     try:
         data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise SnapshotError(f"snapshot manifest {path / MANIFEST} is not valid JSON: {exc}") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise SnapshotError(f"{path / MANIFEST} is not a kvmm snapshot manifest")
@@ -395,7 +395,7 @@ def read_snapshot(path: str | os.PathLike[str], verify_memory: bool = False,
                             "it was modified, truncated or damaged")
     try:
         state = from_json(MachineState, json.loads(state_raw), "state")
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise SnapshotError(f"snapshot state {path / STATE} is not valid JSON: {exc}") from None
     if len(state.vcpus) != manifest.config.cpus:
         raise SnapshotError(f"the snapshot state has {len(state.vcpus)} vCPUs, its configuration {manifest.config.cpus}")

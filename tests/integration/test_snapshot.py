@@ -135,6 +135,11 @@ def test_control_socket_rejects_bad_requests(guests, tmp_path: Path) -> None:  #
             time.sleep(0.2)
             lines = s.recv(4096).splitlines()
         assert [json.loads(x)["ok"] for x in lines] == [False, False]
+        with __import__("socket").socket(__import__("socket").AF_UNIX) as s:
+            s.connect(str(sock))  # nesting that exhausts the decoder: an answer, not a dead I/O thread
+            s.sendall(b"[" * 30_000 + b"\n")
+            time.sleep(0.3)
+            assert json.loads(s.recv(4096))["error"] == "the request is not valid JSON"
         assert request(str(sock), "status")["state"] == "running"  # still serving
         assert "exits" in request(str(sock), "stats")
         m.stop(m._guest_reset("test over"))
@@ -228,6 +233,13 @@ def test_manifest_checksum_mismatch_is_refused(paused_snapshot: tuple[Path, Path
 
 def test_manifest_not_json_is_refused(paused_snapshot: tuple[Path, Path], snap_copy: Path) -> None:
     (snap_copy / "manifest.json").write_bytes(b"\x00\xff{")
+    assert "not valid JSON" in restore_refused(snap_copy, disk_of(snap_copy))
+
+
+def test_deeply_nested_manifest_is_refused(paused_snapshot: tuple[Path, Path], snap_copy: Path) -> None:
+    # Checksums are no signature: a hostile snapshot can be made consistent. Nesting that
+    # exhausts the JSON decoder's recursion is an error message, not a traceback.
+    (snap_copy / "manifest.json").write_bytes(b"[" * 100_000 + b"]" * 100_000)
     assert "not valid JSON" in restore_refused(snap_copy, disk_of(snap_copy))
 
 
