@@ -65,6 +65,9 @@ class ApiServer:
             conn, _ = self.sock.accept()
         except (BlockingIOError, InterruptedError):
             return
+        except OSError as exc:  # out of file descriptors, say: the VM goes on, the client is not served
+            LOG.warning("control socket: cannot accept a connection: %s", exc.strerror)
+            return
         conn.setblocking(False)
         self.conns[conn.fileno()] = (conn, bytearray())
         self.machine.loop.add_reader(conn.fileno(), lambda: self._readable(conn), quiesce=False)
