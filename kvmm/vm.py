@@ -186,7 +186,7 @@ class Machine:
         )
         machine = cls.__new__(cls)
         machine._setup(config, snap)
-        machine.restored_in = time.monotonic() - started  # until start(): see _start_vcpus
+        machine.restored_in = time.monotonic() - started  # start() updates it once the vCPUs run
         machine._restore_started = started
         return machine
 
