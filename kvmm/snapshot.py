@@ -28,7 +28,7 @@ import logging
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from . import __version__
 from .devices.cmos import Cmos, CmosState
@@ -36,6 +36,7 @@ from .devices.pci import PciBus, PciBusState
 from .devices.serial import Serial8250, SerialState
 from .errors import KvmError, SnapshotError
 from .kvm.system import Vcpu, Vm
+from .memory import sparse_digest
 from .state import check_length, from_json, prepare, to_json
 from .virtio.pci_legacy import VirtioPciLegacy, VirtioTransportState
 
@@ -268,8 +269,8 @@ def disk_identity(path: str, read_only: bool, serial: str | None) -> SavedDisk:
     return SavedDisk(os.path.abspath(path), read_only, serial, st.st_size, st.st_mtime_ns)
 
 
-def write_snapshot(target: str | os.PathLike[str], config: SavedConfig, state: MachineState, save_memory: Any,
-                   memory_digest: Any) -> Manifest:
+def write_snapshot(target: str | os.PathLike[str], config: SavedConfig, state: MachineState,
+                   save_memory: Callable[[int], tuple[int, str]]) -> Manifest:
     """Write a snapshot directory at ``target`` (which must not exist): into a temporary
     directory beside it, fsync'd, then renamed, so a crash leaves no half snapshot."""
     target = Path(target)
@@ -284,14 +285,14 @@ def write_snapshot(target: str | os.PathLike[str], config: SavedConfig, state: M
         _write_file(tmp / STATE, state_bytes)
         fd = os.open(tmp / MEMORY, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            save_memory(fd)
+            _written, memory_digest = save_memory(fd)
             os.fsync(fd)
         finally:
             os.close(fd)
         manifest = Manifest(
             FORMAT, FORMAT_VERSION, __version__, datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             os.uname().nodename, config, FileEntry(len(state_bytes), hashlib.sha256(state_bytes).hexdigest()),
-            FileEntry(config.mem_size, memory_digest()), "",
+            FileEntry(config.mem_size, memory_digest), "",
         )
         data = to_json(manifest)
         manifest = replace(manifest, checksum=_manifest_checksum(data))
@@ -401,7 +402,7 @@ def read_snapshot(path: str | os.PathLike[str], verify_memory: bool = False,
         raise SnapshotError(f"the snapshot state has {len(state.vcpus)} vCPUs, its configuration {manifest.config.cpus}")
     if verify_memory:
         with open(memory, "rb") as f:
-            digest = hashlib.file_digest(f, "sha256").hexdigest()
+            digest = sparse_digest(f.fileno(), memory_size)
         if digest != manifest.memory.sha256:
             raise SnapshotError(f"snapshot memory {memory} fails its checksum: it was modified or damaged")
     return Snapshot(path, manifest, state)

@@ -509,7 +509,7 @@ class Machine:
             assert self.mem is not None
             from .snapshot import write_snapshot
 
-            write_snapshot(path, self._saved_config(), self._save_state(), self.mem.save_sparse, self.mem.digest)
+            write_snapshot(path, self._saved_config(), self._save_state(), self.mem.save_sparse)
         finally:
             if not was_paused:
                 self._resume()

@@ -119,3 +119,33 @@ def test_available_memory_agrees_with_psutil() -> None:
 
     # Both read MemAvailable; allow for the host's memory moving between the two reads.
     assert abs(available_memory() - psutil.virtual_memory().available) < 256 << 20
+
+
+def test_sparse_save_stores_touched_chunks_and_its_digest_matches_the_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import hashlib
+    import os
+
+    from kvmm.memory import SPARSE_CHUNK, sparse_digest
+
+    mem = GuestMemory.allocate(8 << 20, check_available=False)
+    mem.write(0x1234, b"boot")
+    mem.write(5 << 20, b"\xff" * 3 * SPARSE_CHUNK)  # three whole chunks
+    path = tmp_path / "memory.bin"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    written, digest = mem.save_sparse(fd)
+    os.close(fd)
+    assert written == 4 * SPARSE_CHUNK and path.stat().st_size == 8 << 20
+    assert path.stat().st_blocks * 512 <= 8 * SPARSE_CHUNK  # holes where the guest never wrote
+    expected = hashlib.sha256()
+    for off in (0, 5 << 20, (5 << 20) + SPARSE_CHUNK, (5 << 20) + 2 * SPARSE_CHUNK):
+        expected.update(off.to_bytes(8, "little") + mem.read(off, SPARSE_CHUNK))
+    assert digest == expected.hexdigest()
+    with open(path, "rb") as f:
+        assert sparse_digest(f.fileno(), 8 << 20) == digest
+    with open(path, "r+b") as f:  # one byte changed, in a hole: the digest sees it
+        f.seek(7 << 20)
+        f.write(b"\x01")
+    with open(path, "rb") as f:
+        assert sparse_digest(f.fileno(), 8 << 20) != digest
+    restored = GuestMemory.from_file(str(path), 8 << 20)
+    assert restored.read(0x1234, 4) == b"boot" and restored.read(7 << 20, 1) == b"\x01"
