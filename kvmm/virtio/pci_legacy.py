@@ -184,11 +184,7 @@ class VirtioPciLegacy(PciDevice):
             self.guest_features, self.queue_sel, self.status = st.guest_features, st.queue_sel, st.status
             self.config_vector, self.queue_vectors = st.config_vector, list(st.queue_vectors)
             if st.activated:
-                for q in self.queues:
-                    q.event_idx = bool(self.guest_features & (1 << VIRTIO_RING_F_EVENT_IDX))
-                    q.notify_on_empty = bool(self.guest_features & (1 << VIRTIO_F_NOTIFY_ON_EMPTY))
-                self.activated = True
-                self.device.activate(self.queues, self.guest_features, self)
+                self._activate()
             self.device.load_state(st.device)
             for index, q in enumerate(self.queues):
                 if q.ready:
@@ -336,6 +332,8 @@ class VirtioPciLegacy(PciDevice):
             return
         if q.activate_legacy(self.mem, pfn):
             self._attach_notify(index)
+        else:
+            self.log.warning("virtqueue %d: rings at PFN %#x lie outside guest RAM: refused", index, pfn)
 
     # --- exitless notifies: one ioeventfd per live queue on QUEUE_NOTIFY -------------------
     def _attach_notify(self, index: int) -> None:
@@ -383,12 +381,17 @@ class VirtioPciLegacy(PciDevice):
         if value & vd.STATUS_FAILED:
             LOG.info("virtio %s: the driver gave up on the device (status FAILED)", type(self.device).__name__)
         if value & vd.STATUS_DRIVER_OK and not self.activated:
-            features = self.guest_features
-            for q in self.queues:
-                q.event_idx = bool(features & (1 << VIRTIO_RING_F_EVENT_IDX))
-                q.notify_on_empty = bool(features & (1 << VIRTIO_F_NOTIFY_ON_EMPTY))
-            self.activated = True
-            self.device.activate(self.queues, features, self)
+            self._activate()
+
+    def _activate(self) -> None:
+        """DRIVER_OK (or a restored device that had it): the queues take the negotiated
+        ring features and the device starts serving them."""
+        features = self.guest_features
+        for q in self.queues:
+            q.event_idx = bool(features & (1 << VIRTIO_RING_F_EVENT_IDX))
+            q.notify_on_empty = bool(features & (1 << VIRTIO_F_NOTIFY_ON_EMPTY))
+        self.activated = True
+        self.device.activate(self.queues, features, self)
 
     def _notify(self, index: int) -> None:
         if index >= len(self.queues):

@@ -15,15 +15,12 @@ may not nest. Two tiers of error, as Firecracker:
 
 from __future__ import annotations
 
-import logging
 import struct
 from dataclasses import dataclass
 
 from ..errors import KvmmError, SnapshotError
 from ..memory import GuestMemory
 from ..state import check_range
-
-LOG = logging.getLogger(__name__)
 
 VIRTQ_DESC_F_NEXT = 1
 VIRTQ_DESC_F_WRITE = 2
@@ -132,7 +129,6 @@ class Queue:
         """Place the rings at ``pfn << 12`` (legacy QUEUE_PFN); False if they do not fit."""
         desc, avail, used, total = legacy_layout(pfn << 12, self.size)
         if not mem.contains(desc, total):
-            LOG.warning("virtqueue rings at PFN %#x (%d bytes) lie outside guest RAM: refused", pfn, total)
             return False
         self.mem = mem
         self.pfn = pfn
@@ -161,10 +157,8 @@ class Queue:
         if not st.ready:
             return
         check_range(f"{where}.pfn", st.pfn, 1, 0xFFFF_FFFF)
-        desc, _avail, _used, total = legacy_layout(st.pfn << 12, self.size)
-        if not mem.contains(desc, total):  # the QUEUE_PFN check, reported as the snapshot's fault
+        if not self.activate_legacy(mem, st.pfn):  # the QUEUE_PFN check
             raise SnapshotError(f"{where}: rings at PFN {st.pfn:#x} lie outside guest RAM")
-        self.activate_legacy(mem, st.pfn)
         self.last_avail_idx, self.used_idx, self.signalled_used = st.last_avail_idx, st.used_idx, st.signalled_used
         self.broken = st.broken
 
