@@ -11,6 +11,7 @@ import sys
 from . import __version__
 from .errors import KvmmError
 from .memory import parse_size
+from .config import CONSOLE_DEVICES
 from .vm import DEFAULT_CMDLINE, EXIT_DEBUG_BASE, DiskConfig, Machine, NetConfig, Outcome, VmConfig, VmResult
 
 LOG = logging.getLogger("kvmm")
@@ -43,7 +44,7 @@ def _console(value: str) -> tuple[str, str | None]:
     """``[serial|virtio][,stdio|file:PATH]`` -> (device, output path or None for stdout)."""
     device, path = "serial", None
     for part in value.split(","):
-        if part in ("serial", "virtio"):
+        if part in CONSOLE_DEVICES:
             device = part
         elif part == "stdio":
             path = None
@@ -95,7 +96,7 @@ def build_parser(prog: str = "kvmm", smoke: bool = False) -> argparse.ArgumentPa
         p.add_argument("--restore", metavar="DIR", help="continue the VM saved in a snapshot directory "
                        "(made by the control socket's snapshot command) instead of booting a kernel")
         p.add_argument("--verify-memory", action="store_true",
-                       help="with --restore: check the snapshot memory's SHA-256 first (reads all of it)")
+                       help="with --restore: check the snapshot memory's digest first (reads what the guest had touched)")
     p.add_argument("--kernel-format", choices=("auto", "flat"), default="auto",
                    help="auto: ELF vmlinux or bzImage (default); flat: a real-mode binary loaded and entered "
                    "at 1000:0000, as kvmtool does (tiny test guests)")
@@ -249,7 +250,7 @@ def _config(args: argparse.Namespace, smoke: bool) -> VmConfig:
         msix=args.msix,
         api_socket=args.api_sock,
         kernel_format=args.kernel_format,
-        )
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -130,6 +130,9 @@ def config_from_options(kernel: str, *, initrd: str | None = None, cmdline: str 
     )
 
 
+MAX_CPUS = 16  # the MP table lives in the 1 KiB below 640 KiB
+CONSOLE_DEVICES = ("serial", "virtio")  # the 8250 (ttyS0) or virtio-console (hvc0)
+
 PCI_IRQ_BASE = 16  # IOAPIC inputs 16-23 carry PCI INTA of slots 1, 2, ...
 PCI_IRQ_COUNT = 8
 

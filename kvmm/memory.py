@@ -78,6 +78,12 @@ def available_memory() -> int:
 SPARSE_CHUNK = 1 << 16  # the unit of holes in a snapshot's memory file
 
 
+def _digest_chunk(digest: Any, off: int, data: bytes) -> None:
+    """The snapshot memory digest's unit: a nonzero chunk, preceded by its offset."""
+    digest.update(off.to_bytes(8, "little"))
+    digest.update(data)
+
+
 def sparse_digest(fd: int, size: int) -> str:
     """SHA-256 over each nonzero :data:`SPARSE_CHUNK` of a memory file with its offset (8
     bytes, little-endian) before it: zero chunks are left out, so hashing costs what the
@@ -98,8 +104,7 @@ def sparse_digest(fd: int, size: int) -> str:
             if not data:
                 break
             if data != zero[: len(data)]:
-                digest.update(off.to_bytes(8, "little"))
-                digest.update(data)
+                _digest_chunk(digest, off, data)
             off += SPARSE_CHUNK
     return digest.hexdigest()
 
@@ -173,8 +178,9 @@ class GuestMemory:
         except OSError as exc:
             raise SnapshotError(f"cannot open the snapshot memory {path}: {exc.strerror}") from None
         try:
-            if os.fstat(fd).st_size != size:
-                raise SnapshotError(f"snapshot memory {path} is {os.fstat(fd).st_size} bytes, the snapshot says {size}")
+            actual = os.fstat(fd).st_size
+            if actual != size:
+                raise SnapshotError(f"snapshot memory {path} is {actual} bytes, the snapshot says {size}")
             mapping = mmap.mmap(fd, size, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE)
         except OSError as exc:
             raise MemoryConfigError(f"cannot map the snapshot memory {path}: {exc.strerror}") from None
@@ -196,8 +202,7 @@ class GuestMemory:
             data = self._map[off : min(off + SPARSE_CHUNK, total)]  # a copy: fast compare, no struct unpacking
             if data != zero[: len(data)]:
                 os.pwrite(fd, data, off)
-                digest.update(off.to_bytes(8, "little"))
-                digest.update(data)
+                _digest_chunk(digest, off, data)
                 written += len(data)
         os.ftruncate(fd, total)
         return written, digest.hexdigest()

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import __version__
+from .config import CONSOLE_DEVICES, MAX_CPUS
 from .devices.cmos import Cmos, CmosState
 from .devices.pci import PciBus, PciBusState
 from .devices.serial import Serial8250, SerialState
@@ -295,8 +296,9 @@ def write_snapshot(target: str | os.PathLike[str], config: SavedConfig, state: M
             FileEntry(config.mem_size, memory_digest), "",
         )
         data = to_json(manifest)
-        manifest = replace(manifest, checksum=_manifest_checksum(data))
-        _write_file(tmp / MANIFEST, json.dumps(to_json(manifest), indent=1, sort_keys=True).encode() + b"\n")
+        data["checksum"] = _manifest_checksum(data)
+        manifest = replace(manifest, checksum=data["checksum"])
+        _write_file(tmp / MANIFEST, json.dumps(data, indent=1, sort_keys=True).encode() + b"\n")
         os.rename(tmp, target)
         _fsync_dir(target.parent)
     except OSError as exc:
@@ -410,11 +412,11 @@ def read_snapshot(path: str | os.PathLike[str], verify_memory: bool = False,
 
 def _check_config(cfg: SavedConfig) -> None:
     """The configuration's own consistency, and each disk unchanged since the snapshot."""
-    if not 1 <= cfg.cpus <= 16:
-        raise SnapshotError(f"snapshot configuration: {cfg.cpus} vCPUs is outside 1-16")
+    if not 1 <= cfg.cpus <= MAX_CPUS:
+        raise SnapshotError(f"snapshot configuration: {cfg.cpus} vCPUs is outside 1-{MAX_CPUS}")
     if not 1 << 20 <= cfg.mem_size <= MAX_SNAPSHOT_RAM or cfg.mem_size % 4096:
         raise SnapshotError(f"snapshot configuration: memory size {cfg.mem_size} is not a page multiple within the limits")
-    if cfg.console_device not in ("serial", "virtio"):
+    if cfg.console_device not in CONSOLE_DEVICES:
         raise SnapshotError(f"snapshot configuration: unknown console device {cfg.console_device!r:.20}")
     for d in cfg.disks:
         try:

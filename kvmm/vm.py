@@ -57,6 +57,8 @@ from .virtio.rng import VirtioRng
 from .tap import Tap
 from .virtio.pci_legacy import VirtioPciLegacy
 from .config import (
+    CONSOLE_DEVICES,
+    MAX_CPUS,
     DEFAULT_CMDLINE,
     EXIT_DEBUG_BASE,
     EXIT_OK,
@@ -89,7 +91,6 @@ __all__ = [
 
 TSS_ADDR = 0xFFFB_D000
 IDENTITY_MAP_ADDR = 0xFFFB_C000
-MAX_CPUS = 16  # the MP table lives in the 1 KiB below 640 KiB
 KICK_SIGNAL = signal.SIGUSR1
 FWAIT = b"\x9b"
 
@@ -236,7 +237,7 @@ class Machine:
             self.taps.append(Tap(n.tap))
         if cfg.kernel_format not in ("auto", "flat"):
             raise ConfigError(f"unknown kernel format {cfg.kernel_format!r}: expected auto or flat")
-        if cfg.console_device not in ("serial", "virtio"):
+        if cfg.console_device not in CONSOLE_DEVICES:
             raise ConfigError(f"unknown console device {cfg.console_device!r}: expected serial or virtio")
         defaults = cfg.default_cmdline
         if cfg.console_device == "virtio":
@@ -278,17 +279,15 @@ class Machine:
             self.boot = load_linux(mem, kernel, self.cmdline, initrd, name=cfg.kernel)
             x86.write_boot_tables(mem)
         if self.host.software_nested:
-            LOG.info(
-                "host KVM is %s (software nested, no VT-x/AMD-V): %s%s",
-                self.host.name,
-                "" if snapshot else f"adding kernel parameters '{' '.join(self.host.extra_cmdline)}'",
-                (" and " if not snapshot else "") + "delivering int3 (and stepping over fwait) by hand"
-                if self.host.inject_int3 else "",
-            )
+            workarounds = [] if snapshot else [f"adding kernel parameters '{' '.join(self.host.extra_cmdline)}'"]
+            if self.host.inject_int3:
+                workarounds.append("delivering int3 (and stepping over fwait) by hand")
+            LOG.info("host KVM is %s (software nested, no VT-x/AMD-V): %s", self.host.name, " and ".join(workarounds))
         if snapshot is not None:
             LOG.info("restoring %s: %s, %d MiB, %d vCPU%s, taken %s", snapshot.path, cfg.kernel, cfg.mem_size >> 20,
                      cfg.cpus, "s" if cfg.cpus > 1 else "", snapshot.manifest.created)
-        elif self.boot is not None:
+        else:
+            assert self.boot is not None
             LOG.info("%s %s, %d MiB, %d vCPU%s, cmdline: %s", self.boot.kind, cfg.kernel, cfg.mem_size >> 20,
                      cfg.cpus, "s" if cfg.cpus > 1 else "", self.cmdline)
 
@@ -334,13 +333,13 @@ class Machine:
         for i in range(cfg.cpus):
             vcpu = vm.create_vcpu(i)
             x86.setup_cpuid(kvm, vcpu, cfg.cpus, supported, self.host.hidden_kvm_features)
-            if snapshot is None:
+            if self.boot is not None:  # booting, not restoring
                 self._set_msrs(vcpu, msrs)
                 x86.setup_fpu(vcpu)
                 x86.setup_lapic(vcpu)
-                if i == 0 and self.boot is not None and self.boot.kind == "flat":
+                if i == 0 and self.boot.kind == "flat":
                     x86.setup_real_mode(vcpu, FLAT_SEGMENT)
-                elif i == 0 and self.boot is not None:
+                elif i == 0:
                     x86.setup_long_mode(vcpu, self.boot.entry, self.boot.boot_params)
         self.coalesced: CoalescedPio | None = None
         ring_page = kvm.check_extension(K.KVM_CAP_COALESCED_MMIO)
@@ -474,9 +473,6 @@ class Machine:
         check_length("state.vcpus", st.vcpus, len(self.vm.vcpus))
         for vcpu, saved in zip(self.vm.vcpus, st.vcpus):
             self._vcpu_state.restore(vcpu, saved, f"state.vcpus[{vcpu.id}]")
-        self._restored = True
-
-    _restored = False
 
     def _saved_config(self) -> SavedConfig:
         from .snapshot import SavedConfig, SavedNet, disk_identity
@@ -830,7 +826,7 @@ class Machine:
             self._threads.append(t)
         for t in self._threads:
             t.start()
-        if self._restored:
+        if self.restored_from is not None:
             # A notify the guest sent just before the snapshot is in no eventfd of this VM.
             for transport in self.virtio:
                 self.loop.call_soon(transport.kick_ready_queues)

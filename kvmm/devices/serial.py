@@ -125,8 +125,7 @@ class Serial8250:
     def load_state(self, st: SerialState) -> None:
         for name in ("ier", "lcr", "mcr", "lsr_errors", "scr", "dll", "dlm"):
             check_range(f"serial.{name}", getattr(st, name), 0, 0xFF)
-        if len(st.rx) > RX_BACKLOG_LIMIT:
-            check_range("serial.rx length", len(st.rx), 0, RX_BACKLOG_LIMIT)
+        check_range("serial.rx length", len(st.rx), 0, RX_BACKLOG_LIMIT)
         with self.lock:
             self.ier, self.lcr, self.mcr = st.ier & IER_MASK, st.lcr, st.mcr & MCR_MASK
             self.lsr_errors, self.scr, self.dll, self.dlm = st.lsr_errors & LSR_OE, st.scr, st.dll, st.dlm
