@@ -179,31 +179,51 @@ def netns():  # type: ignore[no-untyped-def]
         subprocess.run(["ip", "netns", "del", ns], check=False)
 
 
+GUEST_MAC = "52:54:00:12:34:56"
+GUEST_IP_CMDLINE = "root=/dev/vda ip=10.0.2.15::10.0.2.1:255.255.255.0::eth0:off"  # 10.0.2.15 on eth0
+
+
+def kvmm_in_netns(ns: str, *args: str) -> subprocess.Popen[bytes]:
+    """The kvmm command line, run inside the test's network namespace (where its tap is)."""
+    return subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "kvmm", *args], cwd=ROOT,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def wait_for_init(console: Path, proc: subprocess.Popen[bytes]) -> None:
+    """Until the guest kernel has started /sbin/init (its console file says so)."""
+    import time
+
+    deadline = time.monotonic() + BOOT_TIMEOUT
+    while "Run /sbin/init as init process" not in (console.read_text(errors="replace") if console.exists() else ""):
+        assert proc.poll() is None, proc.communicate()[1].decode()
+        assert time.monotonic() < deadline, "no init within the boot timeout"
+        time.sleep(1)
+
+
+def ping_guest(ns: str, count: int) -> str:
+    """``ping`` from the host side of the tap to the guest; its output."""
+    res = subprocess.run(["ip", "netns", "exec", ns, "ping", "-c", str(count), "-W", "10", "10.0.2.15"],
+                         capture_output=True, text=True, timeout=120)
+    print("\n" + res.stdout)
+    return res.stdout
+
+
 def test_network_virtio_console_and_rng(kernel_dir: Path, spin_rootfs: Path, tmp_path: Path, netns) -> None:  # type: ignore[no-untyped-def]
     import signal
-    import time
 
     ns, tap = netns
     console = tmp_path / "console.log"
-    cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "kvmm", "--kernel", str(kernel_dir / "vmlinux"),
-           "--mem", "256M", "--disk", str(spin_rootfs), "--net", f"tap={tap},mac=52:54:00:12:34:56",
-           "--console", f"virtio,file:{console}", "--stop-at-init", "no", "--stats", "--timeout", str(BOOT_TIMEOUT),
-           "--cmdline", "root=/dev/vda ip=10.0.2.15::10.0.2.1:255.255.255.0::eth0:off"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = kvmm_in_netns(ns, "--kernel", str(kernel_dir / "vmlinux"), "--mem", "256M", "--disk", str(spin_rootfs),
+                         "--net", f"tap={tap},mac={GUEST_MAC}", "--console", f"virtio,file:{console}",
+                         "--stop-at-init", "no", "--stats", "--timeout", str(BOOT_TIMEOUT), "--cmdline", GUEST_IP_CMDLINE)
     try:
-        deadline = time.monotonic() + BOOT_TIMEOUT
-        while "Run /sbin/init as init process" not in (console.read_text(errors="replace") if console.exists() else ""):
-            assert proc.poll() is None, proc.communicate()[1].decode()
-            assert time.monotonic() < deadline, "no init within the boot timeout"
-            time.sleep(1)
-        ping = subprocess.run(["ip", "netns", "exec", ns, "ping", "-c", "5", "-W", "10", "10.0.2.15"],
-                              capture_output=True, text=True, timeout=120)
-        print("\n" + ping.stdout)
+        wait_for_init(console, proc)
+        replies = ping_guest(ns, 5)
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
     log = console.read_text(errors="replace")
-    assert "5 received" in ping.stdout, ping.stdout + ping.stderr
+    assert "5 received" in replies, replies
     # Everything on the console came through hvc0 (the kernel's messages from before the
     # virtio-console probe are not replayed there, as with any hvc0-only console).
     assert_in_order(log, [
@@ -250,27 +270,13 @@ def test_linux_snapshot_restore_keeps_answering_ping(kernel_dir: Path, spin_root
     sock, snap = tmp_path / "vm.sock", tmp_path / "snap"
     first, second = tmp_path / "first.log", tmp_path / "second.log"
 
-    def kvmm(*args: str) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "kvmm", *args], cwd=ROOT,
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-    def ping(count: int) -> str:
-        res = subprocess.run(["ip", "netns", "exec", ns, "ping", "-c", str(count), "-W", "10", "10.0.2.15"],
-                             capture_output=True, text=True, timeout=120)
-        print("\n" + res.stdout)
-        return res.stdout
-
-    proc = kvmm("--kernel", str(kernel_dir / "vmlinux"), "--mem", "256M", "--cpus", "2", "--disk", str(spin_rootfs),
-                "--net", f"tap={tap},mac=52:54:00:12:34:56", "--console", f"file:{first}", "--stop-at-init", "no",
-                "--api-sock", str(sock), "--timeout", str(BOOT_TIMEOUT),
-                "--cmdline", "root=/dev/vda ip=10.0.2.15::10.0.2.1:255.255.255.0::eth0:off")
+    proc = kvmm_in_netns(ns, "--kernel", str(kernel_dir / "vmlinux"), "--mem", "256M", "--cpus", "2",
+                         "--disk", str(spin_rootfs), "--net", f"tap={tap},mac={GUEST_MAC}", "--console", f"file:{first}",
+                         "--stop-at-init", "no", "--api-sock", str(sock), "--timeout", str(BOOT_TIMEOUT),
+                         "--cmdline", GUEST_IP_CMDLINE)
     try:
-        deadline = time.monotonic() + BOOT_TIMEOUT
-        while "Run /sbin/init as init process" not in (first.read_text(errors="replace") if first.exists() else ""):
-            assert proc.poll() is None, proc.communicate()[1].decode()
-            assert time.monotonic() < deadline, "no init within the boot timeout"
-            time.sleep(1)
-        assert "3 received" in ping(3)
+        wait_for_init(first, proc)
+        assert "3 received" in ping_guest(ns, 3)
         answer = request(str(sock), "snapshot", path=str(snap))
         print(f"snapshot: {answer}")
         assert answer["ok"], answer
@@ -278,7 +284,7 @@ def test_linux_snapshot_restore_keeps_answering_ping(kernel_dir: Path, spin_root
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=30)
 
-    restored = kvmm("--restore", str(snap), "--console", f"file:{second}", "--api-sock", str(sock), "--stats",
+    restored = kvmm_in_netns(ns, "--restore", str(snap), "--console", f"file:{second}", "--api-sock", str(sock), "--stats",
                     "--timeout", "300")
     try:
         deadline = time.monotonic() + 60
@@ -292,7 +298,7 @@ def test_linux_snapshot_restore_keeps_answering_ping(kernel_dir: Path, spin_root
                                                capture_output=True, text=True).stdout:
             assert time.monotonic() < deadline, "the tap's carrier did not come back"
             time.sleep(0.1)
-        replies = ping(5)
+        replies = ping_guest(ns, 5)
         status = request(str(sock), "status")
         assert request(str(sock), "shutdown")["ok"]
         _, err = restored.communicate(timeout=60)
