@@ -3,16 +3,55 @@
 from __future__ import annotations
 
 import argparse
-import logging
+import importlib
 import os
 import re
 import sys
+import threading
+import types
+from typing import Any, NoReturn
 
-from . import __version__
-from .errors import KvmmError
-from .memory import parse_size
-from .config import CONSOLE_DEVICES
-from .vm import DEFAULT_CMDLINE, EXIT_DEBUG_BASE, DiskConfig, Machine, NetConfig, Outcome, VmConfig, VmResult
+
+def _defer_import(name: str) -> None:
+    """Put off loading the standard library module ``name`` until something uses it.
+
+    Two modules that kvmm's imports pull in but a VM run rarely touches: ``inspect``,
+    which ``dataclasses`` imports (with ``ast`` and ``dis``) but calls only for a
+    dataclass without a docstring - kvmm's all have one - and ``traceback``, which
+    ``logging`` imports (with ``linecache``, ``tokenize`` and ``textwrap``) for
+    formatting an exception. Together 7 ms of every kvmm start on the machines of
+    docs/performance.md. A placeholder module stands in and loads the real one on its
+    first attribute access (importlib's LazyLoader cannot do this on Python 3.11: the
+    import statement reads ``__spec__``, which loads the module). Nothing changes in a
+    process that has already loaded the module (pytest has both).
+    tests/test_startup.py checks both ways."""
+    if name in sys.modules:
+        return
+    placeholder = types.ModuleType(name, f"stands in for {name} until first used (kvmm.cli)")
+    lock = threading.Lock()
+
+    def load(attr: str) -> Any:
+        with lock:  # the first uses may come from two vCPU threads at once
+            if sys.modules.get(name) is placeholder:
+                del sys.modules[name]
+            module = importlib.import_module(name)
+            vars(placeholder).update(vars(module))
+        return getattr(module, attr)
+
+    setattr(placeholder, "__getattr__", load)  # PEP 562
+    sys.modules[name] = placeholder
+
+
+for _name in ("inspect", "traceback"):  # before the kvmm modules below import dataclasses, logging
+    _defer_import(_name)
+
+import logging  # noqa: E402
+
+from . import __version__  # noqa: E402
+from .errors import KvmmError  # noqa: E402
+from .memory import parse_size  # noqa: E402
+from .config import CONSOLE_DEVICES  # noqa: E402
+from .vm import DEFAULT_CMDLINE, EXIT_DEBUG_BASE, DiskConfig, Machine, NetConfig, Outcome, VmConfig, VmResult  # noqa: E402
 
 LOG = logging.getLogger("kvmm")
 
@@ -80,6 +119,22 @@ EXIT_SMOKE_ENDED = 6
 EXIT_CTL_UNREACHABLE = 16
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """argparse's formatter, sized the way it sizes itself, minus its ``import shutil``
+    (which pulls in bz2, lzma and fnmatch: 3 ms of every start, since argparse builds a
+    formatter for each add_argument)."""
+
+    def __init__(self, prog: str) -> None:
+        try:
+            columns = int(os.environ["COLUMNS"])
+        except (KeyError, ValueError):
+            try:
+                columns = os.get_terminal_size(sys.__stdout__.fileno()).columns if sys.__stdout__ else 80
+            except (AttributeError, ValueError, OSError):
+                columns = 80
+        super().__init__(prog, width=max(columns, 1) - 2)
+
+
 def build_parser(prog: str = "kvmm", smoke: bool = False) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
@@ -87,7 +142,7 @@ def build_parser(prog: str = "kvmm", smoke: bool = False) -> argparse.ArgumentPa
                      "Boot a Linux kernel in a KVM virtual machine, with its console on your terminal. "
                      "'kvmm smoke --help' for the CI smoke boot."),
         epilog=SMOKE_EPILOG if smoke else EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     if smoke:
         p.add_argument("--expect", required=True, metavar="REGEX", help="the console line (a regex) that means success")
@@ -151,7 +206,7 @@ def ctl_main(argv: list[str]) -> int:
     from .api import request as api_request
 
     p = argparse.ArgumentParser(prog="kvmm ctl", description="Send a command to a running kvmm's control socket.",
-                                epilog=CTL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                epilog=CTL_EPILOG, formatter_class=_HelpFormatter)
     p.add_argument("socket", help="the path given to kvmm --api-sock")
     p.add_argument("command", choices=COMMANDS, metavar="COMMAND", help=", ".join(COMMANDS))
     p.add_argument("path", nargs="?", metavar="DIR", help="snapshot: the directory to create")
@@ -253,5 +308,21 @@ def _config(args: argparse.Namespace, smoke: bool) -> VmConfig:
     )
 
 
+def run() -> NoReturn:
+    """The ``kvmm`` command: :func:`main`, then a fast exit. By the time ``main`` returns,
+    the machine is closed (disks fsync'd and closed, console flushed, threads ended), so
+    the interpreter's own teardown (freeing every module, 5-10 ms of the start-up
+    benchmark, docs/performance.md) has nothing left to save: flush the standard streams
+    and the log handlers, then ``os._exit``. An exception still takes the normal path."""
+    status = main()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing more can be said
+            pass
+    os._exit(status)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    run()

@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 
 from .errors import ConfigError
 from .host import HostKind
-from .virtio.net import parse_mac
 
 DEFAULT_CMDLINE = ("console=ttyS0", "panic=-1", "reboot=k")
 
@@ -39,6 +38,8 @@ EXIT_DEBUG_BASE = 64
 
 @dataclass(frozen=True)
 class VmResult:
+    """How a run ended: the outcome, a message for the user and what the exit status is made from."""
+
     outcome: Outcome
     message: str = ""
     debug_value: int | None = None
@@ -63,6 +64,8 @@ class VmResult:
 
 @dataclass(frozen=True)
 class DiskConfig:
+    """A raw disk image behind a virtio-blk device (``--disk PATH[,ro][,serial=ID]``)."""
+
     path: str
     read_only: bool = False
     serial: str | None = None
@@ -88,12 +91,16 @@ class DiskConfig:
 
 @dataclass(frozen=True)
 class NetConfig:
+    """A virtio-net device on a host tap interface (``--net tap=NAME[,mac=MAC]``)."""
+
     tap: str
     mac: bytes | None = None
 
     @classmethod
     def parse(cls, spec: str) -> NetConfig:
         """``tap=NAME[,mac=52:54:00:..]`` as given to --net."""
+        from .virtio.net import parse_mac  # here: the module is loaded only for a VM with a NIC
+
         tap, mac = None, None
         for opt in spec.split(","):
             key, _, value = opt.partition("=")
@@ -139,6 +146,8 @@ PCI_IRQ_COUNT = 8
 
 @dataclass
 class VmConfig:
+    """Everything a :class:`kvmm.vm.Machine` is built from (the CLI's options, or the Python API's)."""
+
     kernel: str
     initrd: str | None = None
     cmdline: str = ""

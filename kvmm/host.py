@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from typing import NamedTuple
 
 LOG = logging.getLogger(__name__)
 
@@ -29,8 +29,7 @@ KVM_FEATURE_HC_MAP_GPA_RANGE = 1 << 16
 HYPERCALL_FEATURES = KVM_FEATURE_PV_UNHALT | KVM_FEATURE_PV_SEND_IPI | KVM_FEATURE_PV_SCHED_YIELD | KVM_FEATURE_HC_MAP_GPA_RANGE
 
 
-@dataclass(frozen=True)
-class HostKind:
+class HostKind(NamedTuple):
     name: str  # "hardware" or "kvm_pvm"
     extra_cmdline: tuple[str, ...]
     inject_int3: bool

@@ -13,8 +13,7 @@ import logging
 import os
 import mmap
 import struct
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from .errors import ConfigError, GuestMemoryError, MemoryConfigError, SnapshotError
 
@@ -39,8 +38,7 @@ def parse_size(text: str) -> int:
     return int(num) * _SIZE_SUFFIXES[suffix]
 
 
-@dataclass(frozen=True)
-class Region:
+class Region(NamedTuple):
     """``size`` bytes of guest-physical memory at ``gpa``, at ``offset`` in the mapping."""
 
     gpa: int

@@ -75,6 +75,8 @@ class VcpuState:
 
 @dataclass
 class VmState:
+    """The VM-wide KVM state: both PICs, the IOAPIC, the PIT and the clock, as KVM's own blobs."""
+
     pic_master: bytes
     pic_slave: bytes
     ioapic: bytes
@@ -84,6 +86,8 @@ class VmState:
 
 @dataclass
 class MachineState:
+    """state.json: the VM, each vCPU and each device, in build order."""
+
     vm: VmState
     vcpus: list[VcpuState]
     serial: SerialState
@@ -94,6 +98,8 @@ class MachineState:
 
 @dataclass
 class SavedDisk:
+    """A disk as the snapshot saw it; a restore refuses one whose size or mtime changed since."""
+
     path: str
     read_only: bool
     serial: str | None
@@ -103,6 +109,8 @@ class SavedDisk:
 
 @dataclass
 class SavedNet:
+    """A NIC's tap and MAC (the guest's driver has the MAC; the tap must exist again)."""
+
     tap: str
     mac: bytes
 
@@ -125,12 +133,16 @@ class SavedConfig:
 
 @dataclass
 class FileEntry:
+    """The size and SHA-256 the manifest records for one of the snapshot's files."""
+
     size: int
     sha256: str
 
 
 @dataclass
 class Manifest:
+    """manifest.json: format, versions, the machine's configuration and the other files' digests."""
+
     format: str
     version: int
     kvmm_version: str

@@ -49,13 +49,6 @@ from .loader import FLAT_SEGMENT, BootInfo, load_flat, load_linux, read_image
 from .loader import bootparams as bp
 from .memory import GuestMemory
 from .state import check_length
-from .virtio.blk import RawDisk, VirtioBlk
-from .virtio.console import VirtioConsole
-from .virtio.device import VirtioDevice
-from .virtio.net import VirtioNet
-from .virtio.rng import VirtioRng
-from .tap import Tap
-from .virtio.pci_legacy import VirtioPciLegacy
 from .config import (
     CONSOLE_DEVICES,
     MAX_CPUS,
@@ -78,9 +71,17 @@ from .config import (
 
 LOG = logging.getLogger(__name__)
 
-if TYPE_CHECKING:  # imported where used: a VM that never snapshots or serves a socket skips them at start
+if TYPE_CHECKING:  # imported where used: a VM that never snapshots, serves a socket or has a
+    # given device skips its module at start (imports are most of kvmm's start-up time)
     from .api import ApiServer
     from .snapshot import MachineState, SavedConfig, Snapshot, VcpuStateIo
+    from .tap import Tap
+    from .virtio.blk import RawDisk
+    from .virtio.console import VirtioConsole
+    from .virtio.device import VirtioDevice
+    from .virtio.net import VirtioNet
+    from .virtio.pci_legacy import VirtioPciLegacy
+    from .virtio.rng import VirtioRng
 
 # The configuration and result types live in kvmm.config; they are kvmm.vm's API too.
 __all__ = [
@@ -113,6 +114,8 @@ INIT_RE = re.compile(rb"Run (\S+) as init process")
 
 @dataclass
 class VmStats:
+    """Counters of one run: exits by kind, the pvm workarounds applied, the time to init."""
+
     exit_kinds: Counter[type] = field(default_factory=Counter)  # counted by exit class (cheap)
     int3_injected: int = 0
     fwait_skipped: int = 0
@@ -231,10 +234,14 @@ class Machine:
         if snapshot is None:
             kernel = read_image(cfg.kernel, "kernel")
             initrd = read_image(cfg.initrd, "initrd") if cfg.initrd else None
-        for d in cfg.disks:
-            self.disks.append(RawDisk(d.path, d.read_only, d.serial))
-        for n in cfg.nets:
-            self.taps.append(Tap(n.tap))
+        if cfg.disks:
+            from .virtio.blk import RawDisk
+
+            self.disks.extend(RawDisk(d.path, d.read_only, d.serial) for d in cfg.disks)
+        if cfg.nets:
+            from .tap import Tap
+
+            self.taps.extend(Tap(n.tap) for n in cfg.nets)
         if cfg.kernel_format not in ("auto", "flat"):
             raise ConfigError(f"unknown kernel format {cfg.kernel_format!r}: expected auto or flat")
         if cfg.console_device not in CONSOLE_DEVICES:
@@ -309,17 +316,28 @@ class Machine:
         self.router = GsiRouter(vm)
         self.virtio: list[VirtioPciLegacy] = []
         self._pci_irqs: list[tuple[int, int, int]] = []
-        for disk in self.disks:
-            self._add_virtio(VirtioBlk(disk, mem))
-        self.nets = [VirtioNet(tap, mem, self.loop, n.mac) for tap, n in zip(self.taps, cfg.nets)]
+        if self.disks:
+            from .virtio.blk import VirtioBlk
+
+            for disk in self.disks:
+                self._add_virtio(VirtioBlk(disk, mem))
+        self.nets: list[VirtioNet] = []
+        if self.taps:
+            from .virtio.net import VirtioNet
+
+            self.nets = [VirtioNet(tap, mem, self.loop, n.mac) for tap, n in zip(self.taps, cfg.nets)]
         for net in self.nets:
             self._add_virtio(net)
         self.virtio_console: VirtioConsole | None = None
         if cfg.console_device == "virtio":
+            from .virtio.console import VirtioConsole
+
             self.virtio_console = VirtioConsole(mem, self.console.write)
             self._add_virtio(self.virtio_console)
         self.rng: VirtioRng | None = None
         if cfg.rng:
+            from .virtio.rng import VirtioRng
+
             self.rng = VirtioRng(mem)
             self._add_virtio(self.rng)
         # Host input goes to the primary console.
@@ -365,6 +383,8 @@ class Machine:
     def _add_virtio(self, device: VirtioDevice) -> VirtioPciLegacy:
         """Put ``device`` on the PCI bus behind a legacy virtio-PCI transport, with INTA on
         an IOAPIC input and, where configured, MSI-X, an ioeventfd per queue and irqfds."""
+        from .virtio.pci_legacy import VirtioPciLegacy
+
         cfg, vm, mem = self.config, self.vm, self.mem
         assert mem is not None
         transport = VirtioPciLegacy(device, mem, set_irq=lambda level: None, msix=cfg.msix)

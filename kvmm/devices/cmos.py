@@ -26,6 +26,8 @@ def _bcd(v: int) -> int:
 
 @dataclass
 class CmosState:
+    """The device's snapshot format: the index latch, the NMI mask and the 128 bytes of RAM."""
+
     index: int
     nmi_disabled: bool
     ram: bytes

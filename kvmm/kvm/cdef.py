@@ -13,8 +13,8 @@ stale, and ``tests/kvm/test_structs.py`` fails until it is regenerated.
 
 from __future__ import annotations
 
+import os
 import zlib
-from pathlib import Path
 
 CDEF = """
 struct kvm_regs {
@@ -367,13 +367,14 @@ def cdef_digest() -> str:
     return f"{zlib.crc32(CDEF.encode()):08x}"
 
 
-def generate(path: Path = Path(__file__).with_name("_abi.py")) -> None:
-    """Write the pre-parsed module (``scripts/gen-abi``)."""
+def generate(path: str = os.path.join(os.path.dirname(__file__), "_abi.py")) -> None:
+    """Write the pre-parsed module (``scripts/gen-abi``). (No pathlib here: this module is
+    imported at every start, and pathlib costs milliseconds to import.)"""
     import cffi
 
     builder = cffi.FFI()
     builder.cdef(CDEF)
     builder.set_source("kvmm.kvm._abi", None)
-    builder.emit_python_code(str(path))
+    builder.emit_python_code(path)
     with open(path, "a", encoding="ascii") as f:
         f.write(f"\n# kvmm.kvm.cdef.cdef_digest() of the declarations this module was generated from\nCDEF_DIGEST = {cdef_digest()!r}\n")

@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..errors import KernelImageError
 from ..memory import GuestMemory
 from . import bootparams as bp
-from .bzimage import is_bzimage, load_bzimage
-from .elf import ELF_MAGIC, load_elf
 
 LOG = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class BootInfo:
+class BootInfo(NamedTuple):
     """Where the vCPU starts: a 64-bit ``entry`` with ``rsi`` = ``boot_params`` (a flat
     image: real mode at ``entry``, which is :data:`FLAT_LOAD_ADDR`)."""
 
@@ -58,6 +55,10 @@ def load_flat(mem: GuestMemory, image: bytes, name: str = "kernel") -> BootInfo:
 
 def load_linux(mem: GuestMemory, kernel: bytes, cmdline: str, initrd: bytes | None = None, name: str = "kernel") -> BootInfo:
     """Load a Linux kernel image for a 64-bit direct boot and build its zero page."""
+    # Imported here: a flat-image start (tests, the start-up benchmark) needs neither parser.
+    from .bzimage import is_bzimage, load_bzimage
+    from .elf import ELF_MAGIC, load_elf
+
     if kernel[:4] == ELF_MAGIC:
         elf = load_elf(mem, kernel, name)
         kind, entry, kernel_end = "vmlinux", elf.entry, elf.end

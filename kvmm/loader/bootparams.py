@@ -7,7 +7,7 @@ Documentation/x86/zero-page.rst; field meanings are from Documentation/x86/boot.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..errors import KernelImageError
 from ..memory import GuestMemory
@@ -66,8 +66,7 @@ LOADER_TYPE_UNDEFINED = 0xFF
 _E820 = struct.Struct("<QQI")
 
 
-@dataclass(frozen=True)
-class E820Entry:
+class E820Entry(NamedTuple):
     addr: int
     size: int
     type: int

@@ -19,6 +19,8 @@ ENTRY_64_OFFSET = 0x200
 
 @dataclass(frozen=True)
 class BzImage:
+    """A parsed bzImage: the setup header fields the 64-bit boot protocol uses (boot.rst)."""
+
     version: int
     setup_header: bytes
     payload_offset: int

@@ -21,6 +21,8 @@ _PHDR = struct.Struct("<IIQQQQQQ")
 
 @dataclass(frozen=True)
 class Segment:
+    """A PT_LOAD program header: where its bytes are in the file and in guest memory."""
+
     offset: int
     paddr: int
     filesz: int
@@ -29,6 +31,8 @@ class Segment:
 
 @dataclass(frozen=True)
 class ElfImage:
+    """A parsed vmlinux: the 64-bit entry and the segments to load."""
+
     entry: int
     segments: tuple[Segment, ...]
 

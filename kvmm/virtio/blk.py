@@ -133,6 +133,8 @@ class RequestError(Exception):
 
 @dataclass(frozen=True)
 class BlkRequest:
+    """A parsed request: header fields, data descriptors and the status byte's descriptor."""
+
     type: int
     sector: int
     data: tuple[Descriptor, ...]

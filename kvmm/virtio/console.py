@@ -32,6 +32,8 @@ MAX_TX_CHAIN = 1 << 20  # bytes of output taken from one chain
 
 @dataclass
 class VirtioConsoleState:
+    """The device's snapshot format: host input not yet delivered."""
+
     backlog: bytes  # host input not yet delivered to the guest
 
 

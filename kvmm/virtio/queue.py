@@ -53,6 +53,8 @@ class ChainError(KvmmError):
 
 @dataclass(frozen=True, slots=True)
 class Descriptor:
+    """One split-ring descriptor as read from guest memory, once (virtio 0.9.5, 2.3.2)."""
+
     addr: int
     length: int
     flags: int
