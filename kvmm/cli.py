@@ -50,8 +50,12 @@ import logging  # noqa: E402
 from . import __version__  # noqa: E402
 from .errors import KvmmError  # noqa: E402
 from .memory import parse_size  # noqa: E402
-from .config import CONSOLE_DEVICES  # noqa: E402
-from .vm import DEFAULT_CMDLINE, EXIT_DEBUG_BASE, DiskConfig, Machine, NetConfig, Outcome, VmConfig, VmResult  # noqa: E402
+from .config import (  # noqa: E402
+    CONSOLE_DEVICES, DEFAULT_CMDLINE, EXIT_DEBUG_BASE, DiskConfig, NetConfig, Outcome, VmConfig, VmResult)
+from .x86 import prepare_vm  # noqa: E402
+
+# kvmm.vm, with the device code, is imported in main() once the VM exists (kvmm.x86.create_vm
+# says why).
 
 LOG = logging.getLogger("kvmm")
 
@@ -256,10 +260,16 @@ def main(argv: list[str] | None = None) -> int:
         if restore:
             import kvmm.snapshot  # noqa: F401 (loaded before the clock of "restored in" starts)
 
+            from .vm import Machine
+
             machine = Machine.restore(restore, console_path=args.console[1], stdin=True, verify_memory=args.verify_memory,
                                       api_socket=args.api_sock, disks=args.disk or None)
         else:
-            machine = Machine(_config(args, smoke))
+            config = _config(args, smoke)
+            prepared = prepare_vm(config.mem_size, config.hugepages)
+            from .vm import Machine
+
+            machine = Machine(config, prepared=prepared)
         with machine:
             if smoke:
                 expected = re.compile(args.expect.encode())

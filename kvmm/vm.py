@@ -30,7 +30,7 @@ from .devices.debug import DEBUG_EXIT_PORT, POST_PORT, DebugExit, PostCode
 from .devices.i8042 import I8042
 from .devices.pci import PciBus
 from .devices.serial import COM1_BASE, COM1_IRQ, Serial8250
-from .errors import ConfigError, KvmError, KvmmError, KvmUnavailableError, SnapshotError
+from .errors import ConfigError, KvmError, KvmmError, SnapshotError
 from .host import HostKind, build_cmdline, detect_host
 from .irq import GsiRouter
 from .kvm import ioctls as K
@@ -82,6 +82,7 @@ if TYPE_CHECKING:  # imported where used: a VM that never snapshots, serves a so
     from .virtio.net import VirtioNet
     from .virtio.pci_legacy import VirtioPciLegacy
     from .virtio.rng import VirtioRng
+    from .x86 import PreparedVm
 
 # The configuration and result types live in kvmm.config; they are kvmm.vm's API too.
 __all__ = [
@@ -90,8 +91,6 @@ __all__ = [
     "VmStats", "config_from_options",
 ]
 
-TSS_ADDR = 0xFFFB_D000
-IDENTITY_MAP_ADDR = 0xFFFB_C000
 KICK_SIGNAL = signal.SIGUSR1
 FWAIT = b"\x9b"
 
@@ -158,14 +157,17 @@ class IrqfdLine:
 class Machine:
     """A configured VM, ready to :meth:`run` once; :meth:`close` frees everything."""
 
-    def __init__(self, config: VmConfig | None = None, **options: object) -> None:
+    def __init__(self, config: VmConfig | None = None, *, prepared: PreparedVm | None = None, **options: object) -> None:
         """``Machine(VmConfig(...))``, or the command line's options as keywords:
-        ``Machine(kernel="vmlinux", disks=["root.img"], mem="256M", cmdline="root=/dev/vda")``."""
+        ``Machine(kernel="vmlinux", disks=["root.img"], mem="256M", cmdline="root=/dev/vda")``.
+
+        ``prepared``: the guest RAM and VM made for ``config`` by :func:`kvmm.x86.prepare_vm`,
+        which the machine then owns (the kvmm command makes them first, kvmm/cli.py)."""
         if config is None:
             config = config_from_options(**options)  # type: ignore[arg-type]
         elif options:
             raise ConfigError("give either a VmConfig or keyword options, not both")
-        self._setup(config, None)
+        self._setup(config, None, prepared)
 
     @classmethod
     def restore(cls, path: str | os.PathLike[str], *, console_path: str | None = None, stdin: bool = False,
@@ -197,9 +199,7 @@ class Machine:
     restored_in: float | None = None
     _restore_started: float | None = None
 
-    def _setup(self, config: VmConfig, snapshot: Snapshot | None) -> None:
-        if not 1 <= config.cpus <= MAX_CPUS:
-            raise ConfigError(f"--cpus must be between 1 and {MAX_CPUS}, not {config.cpus}")
+    def _setup(self, config: VmConfig, snapshot: Snapshot | None, prepared: PreparedVm | None = None) -> None:
         self.config = config
         self.host = config.host or detect_host()
         self.stats = VmStats()
@@ -222,14 +222,18 @@ class Machine:
         self._pause_cond = threading.Condition()
         self._io_ident: int | None = None
         self.api: ApiServer | None = None
+        if prepared is not None:  # ours from here on, closed with the machine
+            self.mem, self._kvm, self.vm = prepared
         try:
-            self._build(snapshot)
+            if not 1 <= config.cpus <= MAX_CPUS:
+                raise ConfigError(f"--cpus must be between 1 and {MAX_CPUS}, not {config.cpus}")
+            self._build(snapshot, prepared)
         except BaseException:
             self.close()
             raise
 
     # --- construction --------------------------------------------------------------------
-    def _build(self, snapshot: Snapshot | None) -> None:
+    def _build(self, snapshot: Snapshot | None, prepared: PreparedVm | None) -> None:
         cfg = self.config
         if snapshot is None:
             kernel = read_image(cfg.kernel, "kernel")
@@ -256,26 +260,17 @@ class Machine:
         self.stop_at_init = (not self.host.userspace_works) if cfg.stop_at_init is None else cfg.stop_at_init
 
         # User input first (memory size, hugepages), then KVM.
-        if snapshot is None:
-            self.mem = mem = GuestMemory.allocate(cfg.mem_size, cfg.hugepages)
+        if prepared is not None:
+            mem, kvm, vm = prepared
+            if mem.size != cfg.mem_size:
+                raise ConfigError(f"the prepared VM has {mem.size} bytes of RAM, the configuration {cfg.mem_size}")
         else:
-            self.mem = mem = GuestMemory.from_file(snapshot.memory_path, cfg.mem_size)
-        self._kvm = kvm = Kvm()
-        for cap, name in ((K.KVM_CAP_IRQCHIP, "in-kernel irqchip"), (K.KVM_CAP_PIT2, "in-kernel PIT"),
-                          (K.KVM_CAP_USER_MEMORY, "user memory"), (K.KVM_CAP_IMMEDIATE_EXIT, "immediate_exit")):
-            if not kvm.check_extension(cap):
-                raise KvmUnavailableError(f"this host's KVM lacks the {name} capability kvmm needs")
-        self.vm = vm = kvm.create_vm()
-        vm.set_tss_addr(TSS_ADDR)
-        if kvm.check_extension(K.KVM_CAP_SET_IDENTITY_MAP_ADDR):
-            vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
-        # RAM before the irqchip (as Firecracker orders it): once an irqchip exists, every
-        # memslot change waits for an SRCU grace period, 7 ms here (measured), on the start
-        # path of every boot and restore.
-        for slot, region in enumerate(mem.regions):
-            vm.set_user_memory_region(slot, region.gpa, region.size, mem.host_address(region))
-        vm.create_irqchip()
-        vm.create_pit2()
+            if snapshot is None:
+                self.mem = mem = GuestMemory.allocate(cfg.mem_size, cfg.hugepages)
+            else:
+                self.mem = mem = GuestMemory.from_file(snapshot.memory_path, cfg.mem_size)
+            self._kvm = kvm = Kvm()
+            self.vm = vm = x86.create_vm(kvm, mem)
 
         self.boot: BootInfo | None = None
         if snapshot is None and cfg.kernel_format == "flat":

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from conftest import run_kvmm
+from kvmm.errors import ConfigError
 from kvmm.vm import EXIT_DEBUG_BASE, Machine, Outcome, VmConfig
+from kvmm.x86 import prepare_vm
 
 pytestmark = pytest.mark.kvm
 
@@ -145,6 +147,25 @@ def test_flat_image_takes_no_initrd(flat_images: Path) -> None:
     res = run_kvmm("-q", "--kernel-format", "flat", "--kernel", str(flat_images / "flat_reset.bin"),
                    "--initrd", str(flat_images / "flat_reset.bin"))
     assert res.returncode == 2 and b"takes no --initrd" in res.stderr
+
+
+def test_machine_runs_on_a_prepared_vm(flat_images: Path) -> None:
+    # The kvmm command creates RAM and VM before importing the device code (kvmm/cli.py).
+    prepared = prepare_vm(16 << 20)
+    config = VmConfig(kernel=str(flat_images / "flat_reset.bin"), kernel_format="flat", mem_size=16 << 20,
+                      console_path="/dev/null", stdin=False, rng=False)
+    with Machine(config, prepared=prepared) as m:
+        assert m.vm is prepared.vm and m.mem is prepared.mem
+        assert m.run(timeout=30).outcome is Outcome.RESET
+    assert prepared.vm.fd == -1 and prepared.kvm.fd == -1  # the machine owned and closed them
+
+
+def test_machine_refuses_and_closes_a_prepared_vm_of_another_size(flat_images: Path) -> None:
+    prepared = prepare_vm(16 << 20)
+    config = VmConfig(kernel=str(flat_images / "flat_reset.bin"), kernel_format="flat", mem_size=32 << 20)
+    with pytest.raises(ConfigError, match="prepared VM has 16777216 bytes"):
+        Machine(config, prepared=prepared)
+    assert prepared.vm.fd == -1 and prepared.kvm.fd == -1
 
 
 
