@@ -9,7 +9,7 @@ import re
 import sys
 import threading
 import types
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 
 def _defer_import(name: str) -> None:
@@ -48,14 +48,14 @@ for _name in ("inspect", "traceback"):  # before the kvmm modules below import d
 import logging  # noqa: E402
 
 from . import __version__  # noqa: E402
+from .defaults import CONSOLE_DEVICES, DEFAULT_CMDLINE, EXIT_DEBUG_BASE  # noqa: E402
 from .errors import KvmmError  # noqa: E402
-from .memory import parse_size  # noqa: E402
-from .config import (  # noqa: E402
-    CONSOLE_DEVICES, DEFAULT_CMDLINE, EXIT_DEBUG_BASE, DiskConfig, NetConfig, Outcome, VmConfig, VmResult)
-from .x86 import prepare_vm  # noqa: E402
 
-# kvmm.vm, with the device code, is imported in main() once the VM exists (kvmm.x86.create_vm
-# says why).
+if TYPE_CHECKING:
+    from .config import VmConfig
+
+# The rest of kvmm is imported in main(), the device code once the VM exists
+# (kvmm.x86.create_vm says why).
 
 LOG = logging.getLogger("kvmm")
 
@@ -265,11 +265,20 @@ def main(argv: list[str] | None = None) -> int:
             machine = Machine.restore(restore, console_path=args.console[1], stdin=True, verify_memory=args.verify_memory,
                                       api_socket=args.api_sock, disks=args.disk or None)
         else:
-            config = _config(args, smoke)
-            prepared = prepare_vm(config.mem_size, config.hugepages)
-            from .vm import Machine
+            from .memory import parse_size
+            from .x86 import prepare_vm
 
+            mem_size = parse_size(args.mem or "512M")
+            prepared = prepare_vm(mem_size, args.hugepages, args.exitless)  # the VM first, then the rest of kvmm
+            try:
+                from .vm import Machine
+
+                config = _config(args, smoke, mem_size)
+            except BaseException:
+                prepared.close()
+                raise
             machine = Machine(config, prepared=prepared)
+        from .config import Outcome, VmResult
         with machine:
             if smoke:
                 expected = re.compile(args.expect.encode())
@@ -297,12 +306,14 @@ def main(argv: list[str] | None = None) -> int:
     return status
 
 
-def _config(args: argparse.Namespace, smoke: bool) -> VmConfig:
+def _config(args: argparse.Namespace, smoke: bool, mem_size: int) -> VmConfig:
+    from .config import DiskConfig, NetConfig, VmConfig
+
     return VmConfig(
         kernel=args.kernel,
         initrd=args.initrd,
         cmdline=args.cmdline,
-        mem_size=parse_size(args.mem or "512M"),
+        mem_size=mem_size,
         cpus=1 if args.cpus is None else args.cpus,
         hugepages=args.hugepages,
         console_device=args.console[0],

@@ -39,17 +39,15 @@ class CoalescedPio:
         self.pio = pio
         self.capacity = (len(ring) - _HEADER.size) // _ENTRY.size  # KVM_COALESCED_MMIO_MAX
         self.lock = threading.Lock()
-        self.zones: set[tuple[int, int]] = set()
         self.replayed = 0
 
     def set_zone(self, port: int, size: int, enabled: bool) -> None:
         """Queue (or stop queueing) writes to ``[port, port+size)``; the ring is drained
         first, so nothing queued is replayed after a later, exiting write."""
-        if ((port, size) in self.zones) == enabled:
+        if ((port, size) in self.vm.coalesced_pio) == enabled:  # e.g. registered with the VM (x86.create_vm)
             return
         self.drain()
         self.vm.coalesce_pio(port, size, enabled)
-        (self.zones.add if enabled else self.zones.discard)((port, size))
 
     def pending(self) -> bool:
         first, last = _HEADER.unpack_from(self.ring, 0)
@@ -77,5 +75,4 @@ class CoalescedPio:
     def close(self) -> None:
         """Let go of the ring; the zones go with the VM. (Unregistering them here cost
         3-8 ms of every exit: each KVM I/O-bus change waits for an SRCU grace period.)"""
-        self.zones.clear()
         self.ring.release()

@@ -7,10 +7,21 @@ import enum
 import signal
 from dataclasses import dataclass, field
 
+from .defaults import (  # noqa: F401 (kvmm.config's API too)
+    CONSOLE_DEVICES,
+    DEFAULT_CMDLINE,
+    EXIT_DEBUG_BASE,
+    EXIT_OK,
+    EXIT_PANIC,
+    EXIT_TIMEOUT,
+    EXIT_VCPU_ERROR,
+    EXIT_VMM_ERROR,
+    MAX_CPUS,
+    PCI_IRQ_BASE,
+    PCI_IRQ_COUNT,
+)
 from .errors import ConfigError
 from .host import HostKind
-
-DEFAULT_CMDLINE = ("console=ttyS0", "panic=-1", "reboot=k")
 
 
 class Outcome(enum.Enum):
@@ -25,15 +36,6 @@ class Outcome(enum.Enum):
     TIMEOUT = "timeout"
     EXPECTED = "expected-output"  # kvmm smoke: the expected console line appeared
     SHUTDOWN = "shutdown"  # the control socket's shutdown command
-
-
-# Exit statuses of the kvmm command (documented in the README).
-EXIT_OK = 0
-EXIT_VMM_ERROR = 1
-EXIT_PANIC = 3
-EXIT_VCPU_ERROR = 4
-EXIT_TIMEOUT = 5
-EXIT_DEBUG_BASE = 64
 
 
 @dataclass(frozen=True)
@@ -136,12 +138,6 @@ def config_from_options(kernel: str, *, initrd: str | None = None, cmdline: str 
         rng=rng, msix=msix, exitless=exitless, api_socket=api_socket, kernel_format=kernel_format,
     )
 
-
-MAX_CPUS = 16  # the MP table lives in the 1 KiB below 640 KiB
-CONSOLE_DEVICES = ("serial", "virtio")  # the 8250 (ttyS0) or virtio-console (hvc0)
-
-PCI_IRQ_BASE = 16  # IOAPIC inputs 16-23 carry PCI INTA of slots 1, 2, ...
-PCI_IRQ_COUNT = 8
 
 
 @dataclass

@@ -270,7 +270,7 @@ class Machine:
             else:
                 self.mem = mem = GuestMemory.from_file(snapshot.memory_path, cfg.mem_size)
             self._kvm = kvm = Kvm()
-            self.vm = vm = x86.create_vm(kvm, mem)
+            self.vm = vm = x86.create_vm(kvm, mem, coalesce_uart=cfg.exitless)
 
         self.boot: BootInfo | None = None
         if snapshot is None and cfg.kernel_format == "flat":
@@ -358,6 +358,9 @@ class Machine:
         ring_page = kvm.check_extension(K.KVM_CAP_COALESCED_MMIO)
         if cfg.exitless and ring_page and kvm.check_extension(K.KVM_CAP_COALESCED_PIO):
             self.coalesced = CoalescedPio(vm, vm.vcpus[0].mapped_page(ring_page), pio)
+        else:
+            for port, size in list(vm.coalesced_pio):  # a prepared VM's: nothing here would drain them
+                vm.coalesce_pio(port, size, False)
         if snapshot is not None:
             self._load_state(snapshot.state)
             self.restored_from = str(snapshot.path)

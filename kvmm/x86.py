@@ -13,6 +13,7 @@ from __future__ import annotations
 import struct
 from typing import Any, NamedTuple
 
+from .defaults import COM1_BASE
 from .errors import KvmUnavailableError
 from .kvm import ioctls as K
 from .kvm.structs import ffi
@@ -29,14 +30,19 @@ REQUIRED_CAPS = ((K.KVM_CAP_IRQCHIP, "in-kernel irqchip"), (K.KVM_CAP_PIT2, "in-
                  (K.KVM_CAP_USER_MEMORY, "user memory"), (K.KVM_CAP_IMMEDIATE_EXIT, "immediate_exit"))
 
 
-def create_vm(kvm: Kvm, mem: GuestMemory) -> Vm:
+def create_vm(kvm: Kvm, mem: GuestMemory, coalesce_uart: bool = False) -> Vm:
     """A VM with ``mem`` as its RAM, the in-kernel irqchip and PIT; no vCPUs, no devices.
+    ``coalesce_uart``: also let writes to the 8250's transmit register queue in KVM's
+    coalesced ring (kvmm/coalesced.py; the UART stops that while its THR-empty interrupt
+    is on) where KVM can.
 
     RAM before the irqchip (as Firecracker orders it): once an irqchip exists, every
     memslot change waits for an SRCU grace period, 7 ms here (measured). The kvmm command
-    calls this before importing the device code (kvmm/cli.py): KVM finishes work the
-    irqchip started ~15 ms after creating it, and a VM destroyed earlier than that waits
-    for it at exit (measured: 23 ms to destroy at once, 13-16 ms 10 ms later)."""
+    calls this before importing the device code (kvmm/cli.py): each of these changes
+    leaves KVM ~15 ms of work after the ioctl returns (an SRCU grace period's tail), and
+    a VM destroyed before that waits for it at exit (measured with the flat reset guest:
+    23 ms to destroy the VM at once, 15 ms 30 ms later; the PIT's own teardown is the
+    15 ms). Hence also the coalesced zone here rather than with the UART."""
     for cap, name in REQUIRED_CAPS:
         if not kvm.check_extension(cap):
             raise KvmUnavailableError(f"this host's KVM lacks the {name} capability kvmm needs")
@@ -49,6 +55,8 @@ def create_vm(kvm: Kvm, mem: GuestMemory) -> Vm:
             vm.set_user_memory_region(slot, region.gpa, region.size, mem.host_address(region))
         vm.create_irqchip()
         vm.create_pit2()
+        if coalesce_uart and kvm.check_extension(K.KVM_CAP_COALESCED_MMIO) and kvm.check_extension(K.KVM_CAP_COALESCED_PIO):
+            vm.coalesce_pio(COM1_BASE, 1)
     except BaseException:
         vm.close()
         raise
@@ -62,14 +70,20 @@ class PreparedVm(NamedTuple):
     kvm: Kvm
     vm: Vm
 
+    def close(self) -> None:
+        self.vm.close()
+        self.kvm.close()
+        self.mem.close()
 
-def prepare_vm(mem_size: int, hugepages: bool = False) -> PreparedVm:
-    """Allocate guest RAM (the user's input is checked first) and create the VM for it."""
+
+def prepare_vm(mem_size: int, hugepages: bool = False, coalesce_uart: bool = False) -> PreparedVm:
+    """Allocate guest RAM (the user's input is checked first) and create the VM for it
+    (:func:`create_vm`; ``coalesce_uart`` as the machine's ``exitless``)."""
     mem = GuestMemory.allocate(mem_size, hugepages)
     try:
         kvm = Kvm()
         try:
-            return PreparedVm(mem, kvm, create_vm(kvm, mem))
+            return PreparedVm(mem, kvm, create_vm(kvm, mem, coalesce_uart))
         except BaseException:
             kvm.close()
             raise

@@ -19,10 +19,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
+from ..defaults import COM1_BASE, COM1_IRQ  # noqa: F401 (kvmm.devices.serial's API too)
 from ..state import check_range
-
-COM1_BASE = 0x3F8
-COM1_IRQ = 4
 
 # register offsets
 RBR_THR_DLL = 0

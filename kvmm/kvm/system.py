@@ -188,6 +188,7 @@ class Vm(_FdOwner):
         super().__init__(fd)
         self.kvm = kvm
         self.vcpus: list[Vcpu] = []
+        self.coalesced_pio: set[tuple[int, int]] = set()  # (port, size) zones registered
 
     def close(self) -> None:
         for vcpu in self.vcpus:
@@ -239,6 +240,7 @@ class Vm(_FdOwner):
         instead of exiting (KVM_CAP_COALESCED_PIO), or stop that."""
         zone = ffi.new("struct kvm_coalesced_mmio_zone *", {"addr": port, "size": size, "pio": 1})
         ioctl_buf(self.fd, K.KVM_REGISTER_COALESCED_MMIO if enable else K.KVM_UNREGISTER_COALESCED_MMIO, zone)
+        (self.coalesced_pio.add if enable else self.coalesced_pio.discard)((port, size))
 
     # --- in-kernel device state (snapshots) -------------------------------------------------
     def get_irqchip(self, chip_id: int) -> bytes:

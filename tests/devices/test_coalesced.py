@@ -26,9 +26,11 @@ class Recorder:
 class FakeVm:
     def __init__(self) -> None:
         self.calls: list[tuple[int, int, bool]] = []
+        self.coalesced_pio: set[tuple[int, int]] = set()
 
     def coalesce_pio(self, port: int, size: int, enable: bool = True) -> None:
         self.calls.append((port, size, enable))
+        (self.coalesced_pio.add if enable else self.coalesced_pio.discard)((port, size))
 
 
 def setup() -> tuple[CoalescedPio, bytearray, Recorder, FakeVm]:
