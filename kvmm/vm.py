@@ -270,7 +270,8 @@ class Machine:
             else:
                 self.mem = mem = GuestMemory.from_file(snapshot.memory_path, cfg.mem_size)
             self._kvm = kvm = Kvm()
-            self.vm = vm = x86.create_vm(kvm, mem, coalesce_uart=cfg.exitless)
+            # A restored UART's interrupt state decides its coalescing, after the state is loaded.
+            self.vm = vm = x86.create_vm(kvm, mem, coalesce_uart=cfg.exitless and snapshot is None)
 
         self.boot: BootInfo | None = None
         if snapshot is None and cfg.kernel_format == "flat":
