@@ -8,7 +8,6 @@ silently truncates and wraps negative indices, so no other code slices the mappi
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import mmap
@@ -207,14 +206,15 @@ class GuestMemory:
 
     def host_address(self, region: Region) -> int:
         """The host virtual address of ``region`` (for KVM_SET_USER_MEMORY_REGION)."""
-        base = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
-        return base + region.offset
+        from .kvm.structs import ffi
+
+        return int(ffi.cast("uintptr_t", ffi.from_buffer(self._map))) + region.offset
 
     def close(self) -> None:
         self._view.release()
         try:
             self._map.close()
-        except BufferError:  # a ctypes view still pins it; it goes with the process
+        except BufferError:  # a view into it is still alive somewhere; it goes with the process
             pass
 
     # --- access ------------------------------------------------------------------------

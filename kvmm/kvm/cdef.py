@@ -358,6 +358,11 @@ struct kvm_run {
     uint64_t kvm_dirty_regs;
     char s[2048];
 };
+
+/* libc's ioctl for an integer argument (fcntl.ioctl takes a C int, and KVM_SET_TSS_ADDR's
+   0xfffbd000 is not one). Declared with a fixed third argument as kvmm calls it: on x86-64
+   an unsigned long goes in the same register either way. */
+int ioctl(int fd, unsigned long request, unsigned long arg);
 """
 
 

@@ -7,7 +7,6 @@ ioctl; :meth:`Vcpu.run` returns typed exits (:mod:`kvmm.kvm.exits`).
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import logging
@@ -34,9 +33,7 @@ from .structs import ffi
 
 LOG = logging.getLogger(__name__)
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong]
-_libc.ioctl.restype = ctypes.c_int
+_libc = ffi.dlopen(None)  # the process's own libc (cffi already holds the KVM structs; no ctypes)
 
 KVM_DEVICE = "/dev/kvm"
 
@@ -50,7 +47,9 @@ _EXIT_REASON_OFFSET = ffi.offsetof("struct kvm_run", "exit_reason")
 _IO_EXIT = struct.Struct("<BBHIQ")  # direction, size, port, count, data_offset
 _IO_OFFSET = ffi.offsetof("struct kvm_run", "io")
 
-_IOCTL_NAMES = {v: k for k, v in vars(K).items() if k.startswith("KVM_") and isinstance(v, int) and v > 0xFFFF}
+# ioctl numbers carry KVMIO (0xAE) as their type byte; the capability and exit-reason
+# constants beside them in kvmm.kvm.ioctls are small integers.
+_IOCTL_NAMES = {v: k for k, v in vars(K).items() if k.startswith("KVM_") and isinstance(v, int) and (v >> 8) & 0xFF == K.KVMIO}
 
 
 def _name(req: int) -> str:
@@ -61,7 +60,7 @@ def ioctl_int(fd: int, req: int, arg: int = 0) -> int:
     """An ioctl whose argument is an integer (unsigned long, so 0xfffbd000 fits)."""
     ret = _libc.ioctl(fd, req, arg)
     if ret < 0:
-        raise KvmError(_name(req), ctypes.get_errno())
+        raise KvmError(_name(req), ffi.errno)
     return int(ret)
 
 
