@@ -12,19 +12,7 @@ import signal
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from .defaults import (  # noqa: F401 (kvmm.config's API too)
-    CONSOLE_DEVICES,
-    DEFAULT_CMDLINE,
-    EXIT_DEBUG_BASE,
-    EXIT_OK,
-    EXIT_PANIC,
-    EXIT_TIMEOUT,
-    EXIT_VCPU_ERROR,
-    EXIT_VMM_ERROR,
-    MAX_CPUS,
-    PCI_IRQ_BASE,
-    PCI_IRQ_COUNT,
-)
+from .defaults import DEFAULT_CMDLINE, EXIT_DEBUG_BASE, EXIT_OK, EXIT_PANIC, EXIT_TIMEOUT, EXIT_VCPU_ERROR, EXIT_VMM_ERROR
 from .errors import ConfigError
 from .host import HostKind
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import __version__
-from .config import CONSOLE_DEVICES, MAX_CPUS
+from .defaults import CONSOLE_DEVICES, MAX_CPUS
 from .devices.cmos import Cmos, CmosState
 from .devices.pci import PciBus, PciBusState
 from .devices.serial import Serial8250, SerialState

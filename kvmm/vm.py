@@ -29,7 +29,7 @@ from .devices.cmos import Cmos
 from .devices.debug import DEBUG_EXIT_PORT, POST_PORT, DebugExit, PostCode
 from .devices.i8042 import I8042
 from .devices.pci import PciBus
-from .devices.serial import COM1_BASE, COM1_IRQ, Serial8250
+from .devices.serial import Serial8250
 from .errors import ConfigError, KvmError, KvmmError, SnapshotError
 from .host import HostKind, build_cmdline, detect_host
 from .irq import GsiRouter
@@ -49,9 +49,10 @@ from .loader import FLAT_SEGMENT, BootInfo, load_flat, load_linux, read_image
 from .loader import bootparams as bp
 from .memory import GuestMemory
 from .state import check_length
-from .config import (
+from .defaults import (
+    COM1_BASE,
+    COM1_IRQ,
     CONSOLE_DEVICES,
-    MAX_CPUS,
     DEFAULT_CMDLINE,
     EXIT_DEBUG_BASE,
     EXIT_OK,
@@ -59,8 +60,11 @@ from .config import (
     EXIT_TIMEOUT,
     EXIT_VCPU_ERROR,
     EXIT_VMM_ERROR,
+    MAX_CPUS,
     PCI_IRQ_BASE,
     PCI_IRQ_COUNT,
+)
+from .config import (
     DiskConfig,
     NetConfig,
     Outcome,
@@ -77,11 +81,8 @@ if TYPE_CHECKING:  # imported where used: a VM that never snapshots, serves a so
     from .snapshot import MachineState, SavedConfig, Snapshot, VcpuStateIo
     from .tap import Tap
     from .virtio.blk import RawDisk
-    from .virtio.console import VirtioConsole
     from .virtio.device import VirtioDevice
-    from .virtio.net import VirtioNet
     from .virtio.pci_legacy import VirtioPciLegacy
-    from .virtio.rng import VirtioRng
     from .x86 import PreparedVm
 
 # The configuration and result types live in kvmm.config; they are kvmm.vm's API too.

@@ -19,7 +19,6 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
-from ..defaults import COM1_BASE, COM1_IRQ  # noqa: F401 (kvmm.devices.serial's API too)
 from ..state import check_range
 
 # register offsets
