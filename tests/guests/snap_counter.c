@@ -8,7 +8,7 @@
  * gap or repeat. Ends with debug-exit 0x21 (status 97); "bad sector" and exit 1 on a
  * mismatch. Interrupt-driven timing, polled I/O (the used ring, no virtio interrupts). */
 #include "irq.h"
-#include "virtio.h"
+#include "virtio_blk.h"
 
 
 #ifndef END
@@ -17,31 +17,13 @@
 #define PIT_HZ 1193182
 #define TICK_HZ 100
 
-static u8 ring[3 * 4096] __attribute__((aligned(4096)));
-static struct __attribute__((packed)) { u32 type, reserved; u64 sector; } hdr;
-static u64 data[64];
-static volatile u8 status;
 static volatile u64 ticks;
-static struct vq vq;
 
 __attribute__((interrupt)) static void timer(struct frame *f)
 {
     (void)f;
     ticks++;
     pic_eoi();
-}
-
-static u8 request(u32 type, u64 sector)
-{
-    struct desc *d = (struct desc *)ring;
-    hdr.type = type;
-    hdr.sector = sector;
-    status = 0xee;
-    d[0] = (struct desc){ (u64)&hdr, 16, 1, 1 };
-    d[1] = (struct desc){ (u64)data, sizeof(data), type == 0 ? 1 | 2 : 1, 2 }; /* IN: device writes */
-    d[2] = (struct desc){ (u64)&status, 1, 2, 0 };
-    vq_run_chain(&vq, 0);
-    return status;
 }
 
 static void fail(const char *why, u64 n)
@@ -55,7 +37,7 @@ static void fail(const char *why, u64 n)
 
 ENTRY
 {
-    virtio_start_queue0(ring, &vq);
+    blk_start();
 
     idt_init();
     set_gate(0x20, timer);
@@ -75,13 +57,13 @@ ENTRY
         put_dec(n);
         putc_serial('\n');
         for (int i = 0; i < 64; i++)
-            data[i] = n;
-        if (request(1 /* OUT */, n) != 0)
+            blk_data[i] = n;
+        if (blk_request(VIRTIO_BLK_T_OUT, n) != 0)
             fail("write failed", n);
-        if (request(0 /* IN */, n - 1) != 0)
+        if (blk_request(VIRTIO_BLK_T_IN, n - 1) != 0)
             fail("read failed", n);
         for (int i = 0; i < 64; i++)
-            if (data[i] != n - 1)
+            if (blk_data[i] != n - 1)
                 fail("bad sector", n - 1);
     }
     debug_exit(0x21);
