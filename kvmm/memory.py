@@ -15,6 +15,7 @@ import struct
 from typing import Any, NamedTuple
 
 from .errors import ConfigError, GuestMemoryError, MemoryConfigError, SnapshotError
+from .kvm.structs import ffi
 
 LOG = logging.getLogger(__name__)
 
@@ -206,8 +207,6 @@ class GuestMemory:
 
     def host_address(self, region: Region) -> int:
         """The host virtual address of ``region`` (for KVM_SET_USER_MEMORY_REGION)."""
-        from .kvm.structs import ffi
-
         return int(ffi.cast("uintptr_t", ffi.from_buffer(self._map))) + region.offset
 
     def close(self) -> None:
