@@ -24,6 +24,7 @@ from kvmm.devices.pci import PciBus, PciDevice  # noqa: E402
 from kvmm.devices.serial import Serial8250  # noqa: E402
 from kvmm.errors import SnapshotError  # noqa: E402
 from kvmm.eventloop import EventLoop  # noqa: E402
+from kvmm.irq import LineInterrupt, MsiCallbacks  # noqa: E402
 from kvmm.memory import GuestMemory  # noqa: E402
 from kvmm.snapshot import MachineState, load_devices  # noqa: E402
 from kvmm.state import from_json  # noqa: E402
@@ -94,7 +95,7 @@ def _virtio(kind: str, data: bytes) -> None:
     """Driver registers + ring memory + kicks, all from the fuzz input."""
     r = _Reader(data)
     dev = _devices()[kind]
-    t = L.VirtioPciLegacy(dev, _mem, set_irq=lambda level: None, msix=bool(r.take(1) & 1))  # type: ignore[arg-type]
+    t = L.VirtioPciLegacy(dev, _mem, LineInterrupt(lambda level: None), MsiCallbacks() if r.take(1) & 1 else None)  # type: ignore[arg-type]
     # A plausible start (most inputs then reach the queue code): features, rings, DRIVER_OK.
     t.pio_write(L.STATUS, 1, 3)
     t.pio_write(L.GUEST_FEATURES, 4, r.take(4))
@@ -186,7 +187,7 @@ def _snapshot_devices() -> tuple[Serial8250, Cmos, PciBus, list[L.VirtioPciLegac
     """The devices a snapshot's state is loaded into: a UART, CMOS, and virtio-blk and
     virtio-console with MSI-X on the PCI bus (the layout of the seed corpus)."""
     pci = PciBus(PioBus(), MmioBus())
-    transports = [L.VirtioPciLegacy(dev, _mem, set_irq=lambda level: None, msix=True)  # type: ignore[arg-type]
+    transports = [L.VirtioPciLegacy(dev, _mem, LineInterrupt(lambda level: None), MsiCallbacks())  # type: ignore[arg-type]
                   for dev in (B.VirtioBlk(_disk, _mem), C.VirtioConsole(_mem, lambda data: None))]
     for t in transports:
         pci.add(t)

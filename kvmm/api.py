@@ -2,7 +2,7 @@
 
 One request is one line of JSON, ``{"command": NAME, ...}``; each gets one line back,
 ``{"ok": true, ...}`` or ``{"ok": false, "error": MESSAGE}``. A connection may send
-several requests in turn. Commands (docs/control-socket.md):
+several requests in turn. Commands (docs/snapshots.md, "The control socket"):
 
 ``status``    ``state`` (running, paused or stopped), uptime, vCPUs, memory size
 ``pause``     stop the vCPUs and the device work (see :meth:`Machine.pause`)

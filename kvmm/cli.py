@@ -48,7 +48,9 @@ for _name in ("inspect", "traceback"):  # before the kvmm modules below import d
 import logging  # noqa: E402
 
 from . import __version__  # noqa: E402
-from .defaults import CONSOLE_DEVICES, DEFAULT_CMDLINE, EXIT_DEBUG_BASE  # noqa: E402
+from .defaults import (  # noqa: E402
+    CONSOLE_DEVICES, DEFAULT_CMDLINE, EXIT_CTL_UNREACHABLE, EXIT_SMOKE_ENDED, EXIT_STATUSES,
+)
 from .errors import KvmmError  # noqa: E402
 
 if TYPE_CHECKING:
@@ -59,28 +61,26 @@ if TYPE_CHECKING:
 
 LOG = logging.getLogger("kvmm")
 
+def _status_table(statuses: tuple[tuple[str, str], ...], width: int = 88) -> str:
+    """The exit statuses as help text: the README's table (kvmm.defaults.EXIT_STATUSES),
+    wrapped without textwrap (an import at every start for text only --help shows)."""
+    lines = ["exit status:"]
+    for status, meaning in statuses:
+        line = f"  {status:<8}"
+        for word in meaning.replace("`", "").split():
+            if len(line) + 1 + len(word) > width and len(line) > 11:
+                lines.append(line)
+                line = " " * 10
+            line += " " + word
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
 EPILOG = f"""\
 The kernel command line is '{" ".join(DEFAULT_CMDLINE)}' plus --cmdline; a parameter
 given in --cmdline replaces the default of the same name (e.g. console=hvc0).
 
-exit status:
-  0   the guest powered off or reset (reboot=k, triple fault), or, where guest user
-      space cannot run (software-nested KVM), the kernel started init
-  1   kvmm failed (internal or KVM error)
-  2   invalid command-line usage
-  3   the guest kernel panicked (with panic=-1, the default)
-  4   a vCPU failed: KVM could not emulate an instruction or enter the guest
-  5   --timeout passed with the VM still running
- 10   kernel or initrd missing, unreadable or not a bootable image
- 11   a disk is missing, unreadable, not writable or in use by another kvmm
- 12   guest memory could not be provided (more than available, no hugepages)
- 13   /dev/kvm is missing or not accessible
- 14   a network backend (--net tap=...) cannot be set up
- 15   --restore: the snapshot is damaged, from another kvmm version, or its disks changed
- 16   kvmm ctl: the control socket cannot be reached
- {EXIT_DEBUG_BASE}+v the guest wrote v (0-63) to the debug-exit port 0x501
- 130/143 interrupted by SIGINT/SIGTERM (or Ctrl-A x on the console)
-"""
+{{statuses}}"""
 
 
 def _console(value: str) -> tuple[str, str | None]:
@@ -119,8 +119,6 @@ a CI job (GitHub Actions):
            --expect 'login:|Run /sbin/init' --timeout 300
 """
 
-EXIT_SMOKE_ENDED = 6
-EXIT_CTL_UNREACHABLE = 16
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -145,7 +143,7 @@ def build_parser(prog: str = "kvmm", smoke: bool = False) -> argparse.ArgumentPa
         description=("Boot a guest and wait for a console line: the one-line CI smoke boot." if smoke else
                      "Boot a Linux kernel in a KVM virtual machine, with its console on your terminal. "
                      "'kvmm smoke --help' for the CI smoke boot."),
-        epilog=SMOKE_EPILOG if smoke else EPILOG,
+        epilog=SMOKE_EPILOG if smoke else EPILOG.format(statuses=_status_table(EXIT_STATUSES)),
         formatter_class=_HelpFormatter,
     )
     if smoke:

@@ -82,11 +82,23 @@ class DiskConfig(NamedTuple):
         return cls(path, read_only, serial)
 
 
+def default_mac(seed: str) -> bytes:
+    """A stable, locally administered unicast MAC in QEMU's 52:54:00 range."""
+    import hashlib
+
+    return b"\x52\x54\x00" + hashlib.sha256(seed.encode()).digest()[:3]
+
+
 class NetConfig(NamedTuple):
     """A virtio-net device on a host tap interface (``--net tap=NAME[,mac=MAC]``)."""
 
     tap: str
     mac: bytes | None = None
+
+    @property
+    def effective_mac(self) -> bytes:
+        """The MAC the guest sees: the one given, or one derived from the tap's name."""
+        return self.mac or default_mac(self.tap)
 
     @classmethod
     def parse(cls, spec: str) -> NetConfig:

@@ -17,7 +17,11 @@ import threading
 import time
 import tty
 from collections import deque
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from .eventloop import EventLoop
+    from .virtio.device import ConsoleInput
 
 LOG = logging.getLogger(__name__)
 
@@ -188,3 +192,63 @@ class TerminalInput:
             else:
                 out.append(b)
         return bytes(out), False
+
+
+class StdinPump:
+    """Host input to the guest's primary console, on the I/O thread: stdin in raw mode on a
+    terminal (restored by :meth:`stop`), the Ctrl-A escape (``Ctrl-A x`` calls
+    ``on_quit``), and back-pressure: stdin is read only while the console device has
+    room, so input waits in the terminal, not in kvmm."""
+
+    def __init__(self, loop: EventLoop, device: ConsoleInput, on_quit: Callable[[], None], fd: int = 0) -> None:
+        self.loop = loop
+        self.device = device
+        self.on_quit = on_quit
+        self.fd = fd
+        self.term: TerminalInput | None = None
+
+    def start(self) -> None:
+        term = TerminalInput(self.fd)
+        try:
+            self.loop.add_reader(self.fd, self._readable)
+            self.term = term
+            term.enter_raw()
+        except (ValueError, OSError, PermissionError, termios.error):
+            pass  # stdin closed or not pollable (a regular file): no input (or no raw mode)
+
+    def poll(self) -> None:
+        """Read stdin again once the device has room; stop while it has none."""
+        if self.term is None:
+            return
+        room = self.device.rx_room() > 0
+        if room and not self.loop.has_reader(self.fd):
+            self.loop.add_reader(self.fd, self._readable)
+        elif not room and self.loop.has_reader(self.fd):
+            self.loop.remove_reader(self.fd)
+
+    def stop(self) -> None:
+        if self.term is not None:
+            self.term.restore()
+            self.loop.remove_reader(self.fd)
+            self.term = None
+
+    def _readable(self) -> None:
+        term = self.term
+        if term is None:
+            return
+        try:
+            data = os.read(self.fd, min(512, max(self.device.rx_room(), 1)))
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:  # EOF: the guest just sees no more input
+            term.restore()
+            self.loop.remove_reader(self.fd)
+            self.term = None
+            return
+        data, quit_requested = term.filter(data)
+        if data:
+            self.device.receive(data)
+        if quit_requested:
+            self.on_quit()

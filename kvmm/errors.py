@@ -22,23 +22,27 @@ from __future__ import annotations
 import errno as _errno
 import os
 
+from .defaults import (
+    EXIT_DISK, EXIT_IMAGE, EXIT_KVM_UNAVAILABLE, EXIT_MEMORY, EXIT_SNAPSHOT, EXIT_TIMEOUT, EXIT_USAGE, EXIT_VMM_ERROR,
+)
+
 
 class KvmmError(Exception):
     """Root of every error kvmm raises on purpose."""
 
-    exit_status = 1
+    exit_status = EXIT_VMM_ERROR
 
 
 class ConfigError(KvmmError):
     """A command-line or API option has an invalid value."""
 
-    exit_status = 2
+    exit_status = EXIT_USAGE
 
 
 class KvmUnavailableError(KvmmError):
     """/dev/kvm cannot be used on this host."""
 
-    exit_status = 13
+    exit_status = EXIT_KVM_UNAVAILABLE
 
 
 class KvmError(KvmmError):
@@ -66,32 +70,32 @@ class GuestMemoryError(KvmmError):
 class MemoryConfigError(KvmmError):
     """Guest memory cannot be provided as requested."""
 
-    exit_status = 12
+    exit_status = EXIT_MEMORY
 
 
 class KernelImageError(KvmmError):
     """The kernel or initrd image cannot be loaded."""
 
-    exit_status = 10
+    exit_status = EXIT_IMAGE
 
 
 class DiskError(KvmmError):
     """A disk image cannot be opened as requested."""
 
-    exit_status = 11
+    exit_status = EXIT_DISK
 
 
 class SnapshotError(KvmmError):
     """A snapshot cannot be written, or is refused on restore (corrupt, truncated, from
     another kvmm version, or its disks changed)."""
 
-    exit_status = 15
+    exit_status = EXIT_SNAPSHOT
 
 
 class ConsoleTimeout(KvmmError):
     """Expected console output did not appear; carries the last console lines."""
 
-    exit_status = 5
+    exit_status = EXIT_TIMEOUT
 
     def __init__(self, pattern: bytes | str, why: str, last_lines: str) -> None:
         self.pattern = pattern

@@ -13,7 +13,7 @@ import os
 import selectors
 import threading
 from collections import deque
-from typing import Callable
+from typing import Any, Callable
 
 LOG = logging.getLogger(__name__)
 
@@ -29,6 +29,7 @@ class EventLoop:
         self._lock = threading.Lock()
         self._quiescible: set[int] = set()
         self._held: dict[int, Callback] | None = None
+        self.owner: int | None = None  # the thread serving the loop (threading.get_ident()), while one does
 
     @property
     def wakeup_fd(self) -> int:
@@ -80,6 +81,31 @@ class EventLoop:
         with self._lock:
             self._pending.append(callback)
         self.wake()
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the loop's thread (where device work runs, so it sees no device
+        mid-request) and return its result (or raise its exception) here; directly if
+        this is that thread or no thread serves the loop."""
+        if self.owner is None or self.owner == threading.get_ident():
+            return fn()
+        import concurrent.futures
+
+        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+        def call() -> None:
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn())
+                except BaseException as exc:  # handed to the caller's thread
+                    fut.set_exception(exc)
+
+        self.call_soon(call)
+        while True:
+            try:
+                return fut.result(timeout=0.1)
+            except concurrent.futures.TimeoutError:
+                if self.owner is None and fut.cancel():  # the loop ended before it ran
+                    return fn()
 
     def wake(self) -> None:
         try:

@@ -4,7 +4,7 @@ On ``kvm_pvm`` (a page-table-based nested KVM without VT-x/AMD-V, see the projec
 host notes) KVM's instruction emulator runs much guest code and cannot emulate some
 instructions. Kernel parameters keep the guest away from them (``noxsave``,
 ``clearcpuid=smap,popcnt``; CPUID filtering does not hide them there), and an ``int3``
-that fails emulation is delivered to the guest by hand (see :mod:`kvmm.vm`). Guest user
+that fails emulation is delivered to the guest by hand (see :mod:`kvmm.vcpu`). Guest user
 space cannot make system calls there, so a Linux boot ends at the kernel's exec of init.
 On hardware KVM none of this applies and nothing changes.
 """

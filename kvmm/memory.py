@@ -22,9 +22,8 @@ LOG = logging.getLogger(__name__)
 MAP_HUGETLB = getattr(mmap, "MAP_HUGETLB", 0x40000)
 MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
 
-# x86 layout: RAM below the 32-bit PCI/MMIO hole, the rest above 4 GiB.
-LOW_RAM_END = 0xC000_0000
-HIGH_RAM_START = 0x1_0000_0000
+# x86 layout: RAM below the 32-bit PCI/MMIO hole, the rest above 4 GiB (kvmm/layout.py).
+from .layout import HIGH_RAM_START, LOW_RAM_END  # noqa: E402
 
 _SIZE_SUFFIXES = {"": 1 << 20, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import __version__
+from .config import DiskConfig, NetConfig, VmConfig
 from .defaults import CONSOLE_DEVICES, MAX_CPUS
 from .devices.cmos import Cmos, CmosState
 from .devices.pci import PciBus, PciBusState
@@ -131,6 +132,28 @@ class SavedConfig:
     rng: bool
 
 
+def saved_config(cfg: VmConfig, cmdline: str) -> SavedConfig:
+    """What a snapshot records of a machine built from ``cfg`` (its kernel booted with
+    ``cmdline``): the one conversion from a :class:`VmConfig`."""
+    return SavedConfig(
+        kernel=os.path.abspath(cfg.kernel), cmdline=cmdline, mem_size=cfg.mem_size, cpus=cfg.cpus,
+        disks=[disk_identity(d.path, d.read_only, d.serial) for d in cfg.disks],
+        nets=[SavedNet(n.tap, n.effective_mac) for n in cfg.nets], exitless=cfg.exitless, msix=cfg.msix,
+        console_device=cfg.console_device, rng=cfg.rng,
+    )
+
+
+def config_from_saved(saved: SavedConfig, **run_time: Any) -> VmConfig:
+    """The :class:`VmConfig` a restore builds from, ``run_time`` choices (console file,
+    stdin, host, control socket) added: the one conversion back."""
+    return VmConfig(
+        kernel=saved.kernel, cmdline=saved.cmdline, mem_size=saved.mem_size, cpus=saved.cpus, stop_at_init=False,
+        disks=[DiskConfig(d.path, d.read_only, d.serial) for d in saved.disks],
+        nets=[NetConfig(n.tap, n.mac) for n in saved.nets], exitless=saved.exitless, msix=saved.msix,
+        console_device=saved.console_device, rng=saved.rng, **run_time,
+    )
+
+
 @dataclass
 class FileEntry:
     """The size and SHA-256 the manifest records for one of the snapshot's files."""
@@ -221,25 +244,10 @@ class VcpuStateIo:
         for kind, blob in steps:
             if blob is not None:
                 _kvm_set(where, kind, lambda: vcpu.set_state(kind, blob))
-        self._restore_msrs(vcpu, msrs, where)
+        refused = vcpu.set_msrs_each(msrs)
+        if refused:  # a feature this host lacks, or a corrupt value: the rest are set
+            LOG.warning("%s: KVM refused %d saved MSR(s): %s", where, len(refused), ", ".join(f"{i:#x}" for i in refused[:8]))
         _kvm_set(where, "events", lambda: vcpu.set_state("events", st.events))
-
-    @staticmethod
-    def _restore_msrs(vcpu: Vcpu, msrs: dict[int, int], where: str) -> None:
-        try:
-            vcpu.set_msrs(msrs)
-            return
-        except KvmError:
-            pass
-        # KVM validates each value; one it refuses (a feature this host lacks, or a
-        # corrupt value) is reported and left at its reset value, the others are set.
-        refused = []
-        for index, value in msrs.items():
-            try:
-                vcpu.set_msrs({index: value})
-            except KvmError:
-                refused.append(index)
-        LOG.warning("%s: KVM refused %d saved MSR(s): %s", where, len(refused), ", ".join(f"{i:#x}" for i in refused[:8]))
 
 
 def _kvm_set(where: str, kind: str, action: Any) -> None:

@@ -10,6 +10,7 @@ import logging
 import os
 import struct
 
+from .defaults import EXIT_NET
 from .errors import KvmmError
 
 LOG = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ TUN_F_UFO = 0x10
 class NetError(KvmmError):
     """A network backend cannot be set up as requested."""
 
-    exit_status = 14
+    exit_status = EXIT_NET
 
 
 class Tap:

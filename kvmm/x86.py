@@ -10,22 +10,20 @@ cloud-hypervisor and kvmtool set so Linux finds a sane machine without a BIOS.
 
 from __future__ import annotations
 
+import logging
 import struct
 from typing import Any, NamedTuple
 
-from .defaults import COM1_BASE
+from .layout import BOOT_STACK, COM1, EBDA_START, FLAT_SEGMENT, GDT_ADDR, IDENTITY_MAP_ADDR, IOAPIC_ADDR, LAPIC_ADDR, PML4_ADDR, TSS_ADDR
 from .errors import KvmUnavailableError
 from .kvm import ioctls as K
 from .kvm.structs import ffi
 from .kvm.system import Kvm, Vcpu, Vm
-from .loader import bootparams as bp
 from .memory import GuestMemory
 
+LOG = logging.getLogger(__name__)
+
 # --- the VM ------------------------------------------------------------------------------
-# Three pages below the 4 GiB BIOS area for the TSS and identity map that Intel's
-# real-mode emulation needs (KVM_SET_TSS_ADDR, api.rst), where QEMU and Firecracker put them.
-TSS_ADDR = 0xFFFB_D000
-IDENTITY_MAP_ADDR = 0xFFFB_C000
 REQUIRED_CAPS = ((K.KVM_CAP_IRQCHIP, "in-kernel irqchip"), (K.KVM_CAP_PIT2, "in-kernel PIT"),
                  (K.KVM_CAP_USER_MEMORY, "user memory"), (K.KVM_CAP_IMMEDIATE_EXIT, "immediate_exit"))
 
@@ -56,7 +54,7 @@ def create_vm(kvm: Kvm, mem: GuestMemory, coalesce_uart: bool = False) -> Vm:
         vm.create_irqchip()
         vm.create_pit2()
         if coalesce_uart and kvm.check_extension(K.KVM_CAP_COALESCED_MMIO) and kvm.check_extension(K.KVM_CAP_COALESCED_PIO):
-            vm.coalesce_pio(COM1_BASE, 1)
+            vm.coalesce_pio(COM1.base, 1)
     except BaseException:
         vm.close()
         raise
@@ -153,8 +151,8 @@ def segment_from_gdt(entry: int, selector: int) -> dict[str, int]:
 def write_boot_tables(mem: GuestMemory) -> None:
     """The boot GDT and the identity-mapping page tables (PML4 -> PDPT -> 4 PDs)."""
     gdt = boot_gdt()
-    mem.write(bp.GDT_ADDR, struct.pack(f"<{len(gdt)}Q", *gdt))
-    pml4, pdpt = bp.PML4_ADDR, bp.PML4_ADDR + 0x1000
+    mem.write(GDT_ADDR, struct.pack(f"<{len(gdt)}Q", *gdt))
+    pml4, pdpt = PML4_ADDR, PML4_ADDR + 0x1000
     pd0 = pdpt + 0x1000
     mem.fill(pml4, 0x1000 * (2 + IDENTITY_MAP_GIB))
     mem.write_u64(pml4, pdpt | 0x3)  # present, writable
@@ -194,12 +192,12 @@ def setup_long_mode(vcpu: Vcpu, entry: int, boot_params: int) -> None:
             setattr(seg, name, value)
     for name, value in tss.items():
         setattr(sregs.tr, name, value)
-    sregs.gdt.base = bp.GDT_ADDR
+    sregs.gdt.base = GDT_ADDR
     sregs.gdt.limit = len(gdt) * 8 - 1
     sregs.idt.base = 0
     sregs.idt.limit = 0
     sregs.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_AM | CR0_PG
-    sregs.cr3 = bp.PML4_ADDR
+    sregs.cr3 = PML4_ADDR
     sregs.cr4 = CR4_PAE
     sregs.efer = EFER_LME | EFER_LMA
     vcpu.set_sregs(sregs)
@@ -207,8 +205,8 @@ def setup_long_mode(vcpu: Vcpu, entry: int, boot_params: int) -> None:
     regs = ffi.new("struct kvm_regs *")
     regs.rip = entry
     regs.rsi = boot_params
-    regs.rsp = bp.BOOT_STACK
-    regs.rbp = bp.BOOT_STACK
+    regs.rsp = BOOT_STACK
+    regs.rbp = BOOT_STACK
     regs.rflags = 0x2
     vcpu.set_regs(regs)
 
@@ -300,8 +298,8 @@ def setup_cpuid(kvm: Kvm, vcpu: Vcpu, ncpus: int, supported: Any = None, hidden_
 
 
 # --- MP table (Intel MultiProcessor Specification 1.4, chapter 4) -------------------------
-MP_APIC_BASE = 0xFEE0_0000
-MP_IOAPIC_BASE = 0xFEC0_0000
+MP_APIC_BASE = LAPIC_ADDR
+MP_IOAPIC_BASE = IOAPIC_ADDR
 MP_APIC_VERSION = 0x14
 MP_IOAPIC_VERSION = 0x11
 MP_CPU_ENABLED = 1
@@ -319,7 +317,7 @@ def _checksum(data: bytes) -> int:
     return (-sum(data)) & 0xFF
 
 
-def build_mptable(ncpus: int, base: int = bp.EBDA_START, pci_irqs: list[tuple[int, int, int]] | None = None) -> bytes:
+def build_mptable(ncpus: int, base: int = EBDA_START, pci_irqs: list[tuple[int, int, int]] | None = None) -> bytes:
     """The MP floating pointer followed by the configuration table, to be placed at ``base``.
 
     ``pci_irqs`` lists ``(device, pin 0..3 for INTA..INTD, ioapic input)`` for PCI bus 0.
@@ -346,3 +344,19 @@ def build_mptable(ncpus: int, base: int = bp.EBDA_START, pci_irqs: list[tuple[in
     mpf = bytearray(struct.pack("<4sIBBBBBBBB", b"_MP_", table_addr, 1, 4, 0, 0, 0, 0, 0, 0))
     mpf[10] = _checksum(bytes(mpf))
     return bytes(mpf) + bytes(header) + body
+
+
+def setup_boot_vcpu(vcpu: Vcpu, kind: str, entry: int, boot_params: int, msrs: dict[int, int]) -> None:
+    """A vCPU as a boot finds it: MSRs (``msrs``, those KVM takes), FNINIT FPU state, the
+    LAPIC's virtual wire; vCPU 0 in real mode at the flat image (``kind`` "flat") or in
+    long mode at the kernel's 64-bit ``entry``. The others wait for the guest's INIT/SIPI
+    (KVM keeps them in the wait-for-SIPI state)."""
+    refused = vcpu.set_msrs_each(msrs)
+    if refused:
+        LOG.debug("KVM refused MSR(s) %s; left at their reset values", ", ".join(f"{i:#x}" for i in refused))
+    setup_fpu(vcpu)
+    setup_lapic(vcpu)
+    if vcpu.id == 0 and kind == "flat":
+        setup_real_mode(vcpu, FLAT_SEGMENT)
+    elif vcpu.id == 0:
+        setup_long_mode(vcpu, entry, boot_params)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 
@@ -197,3 +198,33 @@ def test_ctl_gives_up_on_a_socket_that_never_answers(tmp_path: Path) -> None:
         server.listen(1)  # connections queue, nobody answers
         res = run_kvmm("ctl", str(tmp_path / "mute.sock"), "status", "--timeout", "0.5")
     assert res.returncode == 1 and b"gave no answer to status within 0.5 s" in res.stderr
+
+
+def test_readme_exit_status_table_is_the_one_kvmm_prints() -> None:
+    """One table of exit statuses (kvmm.defaults.EXIT_STATUSES): `kvmm --help` prints it,
+    and the README's table says the same, row for row."""
+    from kvmm.defaults import EXIT_STATUSES
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    lines = readme[readme.index("### Exit status"):].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    rows = list(itertools.takewhile(lambda line: line.startswith("|"), lines[start:]))[2:]  # after header and rule
+    table = [tuple(cell.strip() for cell in row.strip().strip("|").split("|", 1)) for row in rows]
+    assert table == [(status, meaning) for status, meaning in EXIT_STATUSES]
+    from kvmm.cli import build_parser
+
+    help_text = build_parser().format_help()
+    for status, meaning in EXIT_STATUSES:
+        assert f"  {status:<8} {meaning.replace('`', '').split()[0]}" in help_text
+
+
+def test_every_error_class_exits_with_a_documented_status() -> None:
+    from kvmm.defaults import EXIT_STATUSES
+    from kvmm import errors
+    from kvmm.tap import NetError
+
+    documented = {int(s) for s, _ in EXIT_STATUSES if s.isdigit()}
+    classes = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.KvmmError)] + [NetError]
+    assert len(classes) >= 9
+    for cls in classes:
+        assert cls.exit_status in documented, cls

@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import kvmm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,3 +83,18 @@ def test_kvmm_command_flushes_before_its_fast_exit(tmp_path: Path) -> None:
                          capture_output=True, text=True, cwd=ROOT)
     assert res.returncode != 0
     assert "does not exist" in res.stderr
+
+
+@pytest.mark.kvm
+def test_a_vm_without_devices_imports_no_device_code(guests) -> None:  # type: ignore[no-untyped-def]
+    """What the command loads to run a guest with no virtio device: nothing of kvmm.virtio,
+    no snapshot or socket code (the modules are imported as a configuration needs them)."""
+    res = fresh_python("import sys, kvmm.cli\n"
+                       f"status = kvmm.cli.main(['-q', '--kernel', {str(guests('serial_hello'))!r}, '--mem', '16M', "
+                       "'--no-rng', '--console', 'file:/dev/null'])\n"
+                       "print(status, ' '.join(sorted(m for m in sys.modules if m.startswith('kvmm.virtio') or m in "
+                       f"{NOT_AT_START!r})))\n")
+    assert res.returncode == 0, res.stderr
+    status, *loaded = res.stdout.split()
+    assert status == "106"  # 64 + the guest's 42
+    assert [m for m in loaded if not m.startswith("kvmm.loader.")] == []  # the kernel's loaders are used

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from typing import Callable
 
-POST_PORT = 0x80
-DEBUG_EXIT_PORT = 0x501
+from ..layout import DEBUG_EXIT, POST
+
+POST_PORT = POST.base
+DEBUG_EXIT_PORT = DEBUG_EXIT.base
 
 
 class PostCode:

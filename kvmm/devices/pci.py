@@ -14,14 +14,15 @@ import struct
 from dataclasses import dataclass
 from typing import Callable
 
-from ..errors import SnapshotError
+from ..errors import ConfigError, SnapshotError
 from ..state import check_length, check_range
+from ..layout import IO_BAR_BASE, IO_BAR_LIMIT, MEM_BAR_BASE, MEM_BAR_LIMIT, PCI_CONFIG_ADDRESS, PCI_CONFIG_DATA
 from .bus import MmioBus, PioBus
 
 LOG = logging.getLogger(__name__)
 
-CONFIG_ADDRESS = 0xCF8
-CONFIG_DATA = 0xCFC
+CONFIG_ADDRESS = PCI_CONFIG_ADDRESS.base
+CONFIG_DATA = PCI_CONFIG_DATA.base
 
 PCI_VENDOR_ID = 0x00
 PCI_DEVICE_ID = 0x02
@@ -46,12 +47,8 @@ PCI_BAR_MEM32 = 0x0
 PCI_STATUS_CAP_LIST = 0x10
 NUM_BARS = 6
 
-# I/O space handed out to BARs (above the legacy ISA ports, as kvmtool and QEMU do).
-IO_BAR_BASE = 0xC000
-IO_BAR_LIMIT = 0x10000
-# 32-bit memory BARs go in the MMIO hole below the IOAPIC (guest RAM ends at 3 GiB).
-MEM_BAR_BASE = 0xE000_0000
-MEM_BAR_LIMIT = 0xFEC0_0000
+# BAR windows: I/O above the legacy ISA ports, 32-bit memory in the MMIO hole below the
+# IOAPIC (kvmm/layout.py).
 
 
 @dataclass
@@ -218,10 +215,15 @@ class PciBus:
         pio.register(CONFIG_ADDRESS, 4, _ConfigAddress(self))
         pio.register(CONFIG_DATA, 4, _ConfigData(self))
 
-    def add(self, dev: PciDevice) -> int:
+    def next_slot(self) -> int:
+        """The slot :meth:`add` will give the next device (its INTx line depends on it)."""
         slot = len(self.devices)
         if slot >= 32:
-            raise ValueError("PCI bus 0 is full (32 slots)")
+            raise ConfigError("PCI bus 0 is full (32 slots): too many devices")
+        return slot
+
+    def add(self, dev: PciDevice) -> int:
+        slot = self.next_slot()
         self.devices[slot] = dev
         dev.slot = slot
         for bar, size in enumerate(dev.bar_sizes):

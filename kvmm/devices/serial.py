@@ -88,9 +88,11 @@ class SerialState:
 
 
 class Serial8250:
-    def __init__(self, sink: Callable[[bytes], None], set_irq: Callable[[int], None] | None = None) -> None:
+    def __init__(self, sink: Callable[[bytes], None], set_irq: Callable[[int], None] | None = None,
+                 on_thri_change: Callable[[bool], None] | None = None) -> None:
         self.sink = sink
         self.set_irq = set_irq or (lambda level: None)
+        self.on_thri_change = on_thri_change
         self.lock = threading.Lock()
         self.ier = 0
         self.lcr = 0x03  # 8N1
@@ -198,9 +200,9 @@ class Serial8250:
                 return self._msr()
             return self.scr
 
-    # Called (outside the lock) with True or False when the guest enables or disables the
-    # THR-empty interrupt: the machine queues THR writes only while it is disabled.
-    on_thri_change: Callable[[bool], None] | None = None
+    # on_thri_change is called (outside the lock) with True or False when the guest enables
+    # or disables the THR-empty interrupt: the machine queues THR writes only while it is
+    # disabled (kvmm/coalesced.py).
 
     @property
     def thri_enabled(self) -> bool:

@@ -376,6 +376,23 @@ class Vcpu(_FdOwner):
             bad = list(msrs)[done]
             raise KvmError("KVM_SET_MSRS", errno.EINVAL, f"MSR {bad:#x} was refused ({done} of {n} set)")
 
+    def set_msrs_each(self, msrs: dict[int, int]) -> list[int]:
+        """Set ``msrs``; where KVM refuses one (KVMs differ in the MSRs they emulate, and
+        check each value), set the others one by one. Returns the refused indices (left
+        at their reset values). Boot and restore both set MSRs this way."""
+        try:
+            self.set_msrs(msrs)
+            return []
+        except KvmError:
+            pass
+        refused = []
+        for index, value in msrs.items():
+            try:
+                self.set_msrs({index: value})
+            except KvmError:
+                refused.append(index)
+        return refused
+
     def get_msrs(self, indices: list[int]) -> dict[int, int]:
         n = len(indices)
         buf = ffi.new("struct kvm_msrs *", {"nmsrs": n, "entries": [{"index": i} for i in indices]})

@@ -6,6 +6,7 @@ import logging
 from typing import NamedTuple
 
 from ..errors import KernelImageError
+from ..layout import FLAT_LOAD_ADDR, FLAT_SEGMENT, VGA_HOLE
 from ..memory import GuestMemory
 from . import bootparams as bp
 
@@ -36,9 +37,7 @@ def read_image(path: str, what: str) -> bytes:
 
 
 # A flat binary is loaded and entered where kvmtool puts one: 1000:0000 in real mode.
-FLAT_SEGMENT = 0x1000
-FLAT_LOAD_ADDR = FLAT_SEGMENT << 4
-FLAT_MAX_SIZE = 0xA0000 - FLAT_LOAD_ADDR  # up to the legacy VGA hole
+FLAT_MAX_SIZE = VGA_HOLE - FLAT_LOAD_ADDR  # up to the legacy VGA hole
 
 
 def load_flat(mem: GuestMemory, image: bytes, name: str = "kernel") -> BootInfo:

@@ -12,15 +12,10 @@ from typing import NamedTuple
 from ..errors import KernelImageError
 from ..memory import GuestMemory
 
-# Guest-physical layout of what kvmm writes below 1 MiB (see docs/boot.md).
-GDT_ADDR = 0x500
-BOOT_PARAMS_ADDR = 0x7000
-BOOT_STACK = 0x8FF0
-PML4_ADDR = 0x9000
-CMDLINE_ADDR = 0x20000
-CMDLINE_MAX = 0x10000  # bytes reserved at CMDLINE_ADDR
-EBDA_START = 0x9FC00  # MP table lives here; reserved in e820
-HIMEM_START = 0x100000
+# Where kvmm writes what below 1 MiB: kvmm/layout.py.
+from ..layout import (  # noqa: F401 (re-exported: the loader's names for them)
+    BOOT_PARAMS_ADDR, BOOT_STACK, CMDLINE_ADDR, CMDLINE_MAX, EBDA_START, GDT_ADDR, HIMEM_START, PML4_ADDR,
+)
 
 E820_RAM = 1
 E820_RESERVED = 2

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from ..errors import DiskError
 from ..ratelimit import RateLimitedLog
 from ..memory import GuestMemory
-from .device import VIRTIO_ID_BLOCK, DeviceBase, serve_queue
+from .chain_io import Writer
+from .device import VIRTIO_ID_BLOCK, DeviceBase, DeviceContext, VirtioDevice, create_each, serve_queue
 from .queue import Chain, Descriptor
 
 LOG = logging.getLogger(__name__)
@@ -182,14 +183,22 @@ class BlkRequest:
         return req
 
 
+def create(ctx: DeviceContext) -> list[VirtioDevice]:
+    """A disk per ``--disk``: vda, vdb, ... in order."""
+    return create_each(ctx.config.disks, lambda i, d: VirtioBlk(RawDisk(d.path, d.read_only, d.serial), ctx.mem, f"blk{i}"))
+
+
 class VirtioBlk(DeviceBase):
-    """The virtio-blk device model (one request queue)."""
+    """The virtio-blk device model (one request queue) on a raw image it owns."""
 
     device_id = VIRTIO_ID_BLOCK
     queue_sizes: tuple[int, ...] = (QUEUE_SIZE,)
+    pci_class_code = 0x010000
+    name = "blk"
 
-    def __init__(self, disk: RawDisk, mem: GuestMemory) -> None:
+    def __init__(self, disk: RawDisk, mem: GuestMemory, name: str = "blk") -> None:
         super().__init__()
+        self.name = name
         self.disk = disk
         self.mem = mem
         self.log = RateLimitedLog(LOG)
@@ -232,11 +241,7 @@ class VirtioBlk(DeviceBase):
             elif req.type == VIRTIO_BLK_T_FLUSH:
                 self.disk.flush()
             elif req.type == VIRTIO_BLK_T_GET_ID:
-                serial = self.disk.serial.ljust(SERIAL_LEN, b"\0")
-                for d in req.data:
-                    chunk = serial[written : written + d.length]
-                    mem.write(d.addr, chunk)
-                    written += len(chunk)
+                written = Writer(mem, req.data).write(self.disk.serial.ljust(SERIAL_LEN, b"\0"))
             status = VIRTIO_BLK_S_OK
         except RequestError as exc:
             self.errors += 1
@@ -250,3 +255,13 @@ class VirtioBlk(DeviceBase):
             written = 0
         mem.write_u8(status_desc.addr + status_desc.length - 1, status)
         return written + 1
+
+    def counters(self) -> dict[str, int]:
+        return {"requests": self.requests, "errors": self.errors}
+
+    def flush(self) -> None:
+        self.disk.flush()
+
+    def close(self) -> None:
+        """fsync and close the image: what the guest wrote is on disk when kvmm ends."""
+        self.disk.close()

@@ -18,7 +18,8 @@ from typing import Any, Callable
 from ..errors import SnapshotError
 from ..memory import GuestMemory
 from ..state import from_json, to_json
-from .device import VIRTIO_ID_CONSOLE, DeviceBase, Interrupt, serve_queue
+from .chain_io import Reader, Writer
+from .device import VIRTIO_ID_CONSOLE, DeviceBase, DeviceContext, Interrupt, VirtioDevice, serve_queue
 from .queue import Chain, Queue
 
 LOG = logging.getLogger(__name__)
@@ -37,9 +38,20 @@ class VirtioConsoleState:
     backlog: bytes  # host input not yet delivered to the guest
 
 
+def create(ctx: DeviceContext) -> list[VirtioDevice]:
+    """The primary console (output and input), when the configuration asks for hvc0."""
+    if ctx.config.console_device != "virtio":
+        return []
+    device = VirtioConsole(ctx.mem, ctx.console.write)
+    ctx.claim_console(device)
+    return [device]
+
+
 class VirtioConsole(DeviceBase):
     device_id = VIRTIO_ID_CONSOLE
     queue_sizes: tuple[int, ...] = (QUEUE_SIZE, QUEUE_SIZE)
+    pci_class_code = 0x078000
+    name = "virtio_console"
 
     def __init__(self, mem: GuestMemory, sink: Callable[[bytes], None]) -> None:
         super().__init__()
@@ -88,14 +100,14 @@ class VirtioConsole(DeviceBase):
         return False
 
     def _transmit(self, chain: Chain) -> int:
-        budget = MAX_TX_CHAIN
-        for d in chain.readable:
-            n = min(d.length, budget)
-            if n:
-                self.sink(self.mem.read(d.addr, n))
-                self.bytes_out += n
-                budget -= n
+        data = Reader(self.mem, chain.readable, MAX_TX_CHAIN).read(MAX_TX_CHAIN)
+        if data:
+            self.sink(data)
+            self.bytes_out += len(data)
         return 0
+
+    def counters(self) -> dict[str, int]:
+        return {"bytes_out": self.bytes_out, "bytes_in": self.bytes_in}
 
     def _deliver(self) -> None:
         """Move backlog into the guest's receive buffers, one chain per batch of input."""
@@ -105,13 +117,8 @@ class VirtioConsole(DeviceBase):
         with self.lock:
 
             def fill(chain: Chain) -> int:
-                written = 0
-                for d in chain.writable:
-                    n = min(d.length, len(self.backlog))
-                    if n == 0:
-                        break
-                    self.mem.write(d.addr, bytes(self.backlog.popleft() for _ in range(n)))
-                    written += n
+                out = Writer(self.mem, chain.writable, len(self.backlog))
+                written = out.write(bytes(self.backlog.popleft() for _ in range(out.available)))
                 self.bytes_in += written
                 return written
 

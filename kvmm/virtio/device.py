@@ -4,18 +4,29 @@
 A device declares its id, feature bits, queue sizes and config space; the transport
 negotiates features, places queues and calls :meth:`VirtioDevice.process_queue` when the
 driver notifies a queue. Devices signal the driver through an :class:`Interrupt`.
+
+Each device kind is one module of this package with a ``create(ctx)`` function that
+makes the kind's devices for a machine's configuration (none if it has none), and one
+line in kvmm/builder.py's ``VIRTIO_DEVICES`` table. A device reports its own counters
+(``counters()``) and owns its backend (a disk image, a tap), which ``close()`` releases.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Protocol
 
 from ..errors import SnapshotError
 
 from ..ratelimit import RateLimitedLog
 from .queue import Chain, ChainError, Queue, QueueError
+
+if TYPE_CHECKING:
+    from ..config import VmConfig
+    from ..console import ConsoleOutput
+    from ..eventloop import EventLoop
+    from ..memory import GuestMemory
 
 LOG = logging.getLogger(__name__)
 _CHAIN_LOG = RateLimitedLog(LOG)  # malformed chains are the guest's to produce at will
@@ -54,6 +65,8 @@ class Interrupt(Protocol):
 class VirtioDevice(Protocol):
     device_id: int
     queue_sizes: tuple[int, ...]
+    pci_class_code: int  # the PCI class the transport shows (base, sub, programming interface)
+    name: str  # prefix of its counters in the machine's report ("blk0", "rng")
 
     def features(self) -> int:
         """Device-specific feature bits offered (the transport adds the ring features)."""
@@ -79,10 +92,57 @@ class VirtioDevice(Protocol):
     def load_state(self, data: Any) -> None:
         """Restore :meth:`save_state`'s data after activation; raise SnapshotError if bad."""
 
+    def counters(self) -> dict[str, int]:
+        """What the device did (requests, bytes, errors), for the machine's report."""
+
+    def flush(self) -> None:
+        """Make what the guest wrote durable (before a snapshot); raise OSError if not."""
+
+    def close(self) -> None:
+        """Release the backend (the machine is closing); flushes first where it writes."""
+
+
+class ConsoleInput(Protocol):
+    """A device that takes the host's console input (the UART, virtio-console)."""
+
+    def receive(self, data: bytes) -> int:
+        """Queue input for the guest; returns how many bytes were accepted."""
+
+    def rx_room(self) -> int:
+        """How many more bytes :meth:`receive` would accept now."""
+
+
+class DeviceContext(NamedTuple):
+    """What a device module's ``create(ctx)`` may use to make its devices."""
+
+    config: VmConfig
+    mem: GuestMemory
+    loop: EventLoop  # the I/O thread's loop (readers for host-side fds)
+    console: ConsoleOutput  # the guest console's host end
+    claim_console: Callable[[ConsoleInput], None]  # make a device the primary console's input
+
+
+def create_each(items: list[Any], make: Callable[[int, Any], VirtioDevice]) -> list[VirtioDevice]:
+    """``make(i, item)`` for each item (a disk's or NIC's configuration): the devices, or,
+    if one cannot be made (a missing disk), none, with those already made closed."""
+    devices: list[VirtioDevice] = []
+    try:
+        for i, item in enumerate(items):
+            devices.append(make(i, item))
+    except BaseException:
+        for device in devices:
+            device.close()
+        raise
+    return devices
+
 
 class DeviceBase:
     """Defaults for the :class:`VirtioDevice` protocol: no feature bits, an empty config
-    space, and activate/reset that keep or drop the queues and the interrupt."""
+    space, no counters, no backend, and activate/reset that keep or drop the queues and
+    the interrupt."""
+
+    pci_class_code = 0xFF0000  # "other"
+    name = "virtio"  # a device module's create() numbers its devices where there can be several
 
     def __init__(self) -> None:
         self.queues: list[Queue] = []
@@ -109,6 +169,15 @@ class DeviceBase:
     def load_state(self, data: Any) -> None:
         if data is not None:
             raise SnapshotError(f"{type(self).__name__}: the snapshot holds device state this device does not have")
+
+    def counters(self) -> dict[str, int]:
+        return {}
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def serve_queue(q: Queue, index: int, interrupt: Interrupt, name: str, handle: Callable[[Chain], int],

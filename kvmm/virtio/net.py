@@ -21,12 +21,17 @@ from __future__ import annotations
 import logging
 import os
 import struct
+from typing import TYPE_CHECKING
 
+from ..config import default_mac
 from ..eventloop import EventLoop
 from ..memory import GuestMemory
 from ..tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, Tap
-from .device import VIRTIO_ID_NET, DeviceBase, Interrupt, serve_queue
+from .device import VIRTIO_ID_NET, DeviceBase, DeviceContext, Interrupt, VirtioDevice, create_each, serve_queue
 from .queue import Chain, ChainError, Queue, QueueError
+
+if TYPE_CHECKING:
+    from ..config import NetConfig
 
 LOG = logging.getLogger(__name__)
 
@@ -62,23 +67,33 @@ def parse_mac(text: str) -> bytes:
     return mac
 
 
-def default_mac(seed: str) -> bytes:
-    """A stable, locally administered unicast MAC in QEMU's 52:54:00 range."""
-    import hashlib
+def create(ctx: DeviceContext) -> list[VirtioDevice]:
+    """A NIC per ``--net``, each on its tap (opened here, closed with the device)."""
 
-    return b"\x52\x54\x00" + hashlib.sha256(seed.encode()).digest()[:3]
+    def make(i: int, n: NetConfig) -> VirtioDevice:
+        tap = Tap(n.tap)
+        try:
+            return VirtioNet(tap, ctx.mem, ctx.loop, n.mac, f"net{i}")
+        except BaseException:
+            tap.close()
+            raise
+
+    return create_each(ctx.config.nets, make)
 
 
 class VirtioNet(DeviceBase):
     device_id = VIRTIO_ID_NET
     queue_sizes: tuple[int, ...] = (QUEUE_SIZE, QUEUE_SIZE)
+    pci_class_code = 0x020000
+    name = "net"
 
-    def __init__(self, tap: Tap, mem: GuestMemory, loop: EventLoop, mac: bytes | None = None) -> None:
+    def __init__(self, tap: Tap, mem: GuestMemory, loop: EventLoop, mac: bytes | None = None, name: str = "net") -> None:
         super().__init__()
+        self.name = name
         self.tap = tap
         self.mem = mem
         self.loop = loop
-        self.mac = mac or default_mac(tap.name)
+        self.mac = mac or default_mac(tap.name)  # as NetConfig.effective_mac, which snapshots record
         # What the tap can hand us (TUNSETOFFLOAD): that is what the guest may be offered.
         self.guest_csum_ok = tap.set_offload(TUN_F_CSUM)
         self.guest_tso_ok = tap.set_offload(TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN)
@@ -122,6 +137,15 @@ class VirtioNet(DeviceBase):
     def reset(self) -> None:
         self._poll_tap(False)
         super().reset()
+
+    def counters(self) -> dict[str, int]:
+        return {"rx_frames": self.rx_frames, "tx_frames": self.tx_frames, "tx_dropped": self.tx_dropped,
+                "rx_dropped": self.rx_dropped, "rx_truncated": self.rx_truncated, "rx_stalls": self.rx_stalls}
+
+    def close(self) -> None:
+        self.rx_polling = False
+        self.loop.remove_reader(self.tap.fd)
+        self.tap.close()
 
     def _poll_tap(self, on: bool) -> None:
         if on == self.rx_polling:

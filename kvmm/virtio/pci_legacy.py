@@ -27,6 +27,7 @@ from typing import Any, Callable, Protocol
 from ..devices import msix as M
 from ..devices.pci import PciDevice
 from ..errors import SnapshotError
+from ..irq import InterruptGroup
 from ..memory import GuestMemory
 from ..ratelimit import RateLimitedLog
 from ..state import check_length, check_range
@@ -65,8 +66,6 @@ ISR_CONFIG = 0x2
 
 TRANSPORT_FEATURES = (1 << VIRTIO_F_NOTIFY_ON_EMPTY) | (1 << VIRTIO_RING_F_INDIRECT_DESC) | (1 << VIRTIO_RING_F_EVENT_IDX)
 
-CLASS_CODES = {vd.VIRTIO_ID_NET: 0x020000, vd.VIRTIO_ID_BLOCK: 0x010000, vd.VIRTIO_ID_CONSOLE: 0x078000,
-               vd.VIRTIO_ID_RNG: 0x00FF00}
 
 
 @dataclass
@@ -97,24 +96,36 @@ class NotifyHost(Protocol):
         """Run ``callback`` on the I/O thread after what is already waiting there."""
 
 
-class VirtioPciLegacy(PciDevice):
-    """One virtio device behind the legacy PCI register block."""
+def msix_vector_count(device: vd.VirtioDevice) -> int:
+    """MSI-X vectors the transport offers for ``device``: one per queue plus one for
+    config changes (as QEMU offers)."""
+    return len(device.queue_sizes) + 1
 
-    def __init__(self, device: vd.VirtioDevice, mem: GuestMemory, set_irq: Callable[[int], None], msix: bool = False) -> None:
+
+class VirtioPciLegacy(PciDevice):
+    """One virtio device behind the legacy PCI register block.
+
+    Built with its interrupts (``intx``, the slot's INTA line; ``msi``, the vectors of
+    :func:`msix_vector_count`, or None for no MSI-X capability) and, for exitless
+    notifies, the ``notifier`` that registers a queue's notify as an ioeventfd."""
+
+    def __init__(self, device: vd.VirtioDevice, mem: GuestMemory, intx: InterruptGroup,
+                 msi: InterruptGroup | None = None, notifier: NotifyHost | None = None) -> None:
         super().__init__(
             vendor=VIRTIO_PCI_VENDOR,
             device=VIRTIO_PCI_LEGACY_DEVICE_BASE + device.device_id - 1,
-            class_code=CLASS_CODES.get(device.device_id, 0xFF0000),
+            class_code=device.pci_class_code,
             revision=VIRTIO_PCI_ABI_VERSION,
             subsystem_vendor=VIRTIO_PCI_VENDOR,
             subsystem=device.device_id,
         )
         self.device = device
         self.mem = mem
-        self.set_irq = set_irq
+        self.intx = intx
+        self.msi = msi
         self.lock = threading.RLock()
         self.queues = [Queue(size) for size in device.queue_sizes]
-        self.notify_host: NotifyHost | None = None
+        self.notify_host = notifier
         self.log = RateLimitedLog(LOG)  # guest-triggered warnings
         self._ioeventfds: dict[int, tuple[int, int]] = {}  # queue -> (eventfd, port)
         self.notify_exits = 0  # QUEUE_NOTIFY writes that reached kvmm as VM exits
@@ -122,13 +133,9 @@ class VirtioPciLegacy(PciDevice):
         self.host_features = (device.features() | TRANSPORT_FEATURES) & 0xFFFF_FFFF
         window = CONFIG_MSIX + len(device.config())
         self.add_io_bar(0, max(64, 1 << (window - 1).bit_length()), self)
-        # MSI-X: one vector per queue plus one for config changes (as QEMU offers).
         self.msix: M.MsixTable | None = None
-        self.msi_fire: Callable[[int], None] = lambda vec: None
-        self.msi_route: Callable[[int, int, int], None] = lambda vec, address, data: None
-        if msix:
-            self.msix = M.MsixTable(len(self.queues) + 1, MSIX_BAR, lambda vec: self.msi_fire(vec),
-                                    lambda vec, a, d: self.msi_route(vec, a, d))
+        if msi is not None:
+            self.msix = M.MsixTable(msix_vector_count(device), MSIX_BAR, msi.fire, msi.route)
             self.add_mem_bar(MSIX_BAR, M.BAR_SIZE, self.msix)
             self.add_capability(M.MSIX_CAP_OFFSET, self.msix.capability(), {3: 0xC0})
         self._reset_state()
@@ -245,12 +252,18 @@ class VirtioPciLegacy(PciDevice):
         self.isr |= bits
         if not self.irq_level:
             self.irq_level = 1
-            self.set_irq(1)
+            self.intx.fire()
 
     def _lower(self) -> None:
         if self.irq_level:
             self.irq_level = 0
-            self.set_irq(0)
+            self.intx.clear()
+
+    def counters(self) -> dict[str, int]:
+        """How the driver's notifies arrived and the interrupts sent (summed over devices
+        in the machine's report)."""
+        return {"queue_notify_exits": self.notify_exits, "queue_notify_ioeventfd": self.notify_events,
+                "msi_interrupts": self.msi.fired if self.msi is not None else 0, "intx_interrupts": self.intx.fired}
 
     # --- register block ---------------------------------------------------------------
     def _selected(self) -> Queue | None:

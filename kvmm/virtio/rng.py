@@ -12,7 +12,8 @@ import logging
 import os
 
 from ..memory import GuestMemory
-from .device import VIRTIO_ID_RNG, DeviceBase, serve_queue
+from .chain_io import Writer
+from .device import VIRTIO_ID_RNG, DeviceBase, DeviceContext, VirtioDevice, serve_queue
 from .queue import Chain
 
 LOG = logging.getLogger(__name__)
@@ -21,9 +22,15 @@ QUEUE_SIZE = 64
 MAX_REQUEST = 64 << 10
 
 
+def create(ctx: DeviceContext) -> list[VirtioDevice]:
+    return [VirtioRng(ctx.mem)] if ctx.config.rng else []
+
+
 class VirtioRng(DeviceBase):
     device_id = VIRTIO_ID_RNG
     queue_sizes: tuple[int, ...] = (QUEUE_SIZE,)
+    pci_class_code = 0x00FF00
+    name = "rng"
 
     def __init__(self, mem: GuestMemory) -> None:
         super().__init__()
@@ -37,15 +44,11 @@ class VirtioRng(DeviceBase):
         return False
 
     def _fill(self, chain: Chain) -> int:
-        budget = MAX_REQUEST
-        written = 0
-        for d in chain.writable:
-            n = min(d.length, budget)
-            if n == 0:
-                break
-            self.mem.write(d.addr, os.getrandom(n))
-            written += n
-            budget -= n
+        out = Writer(self.mem, chain.writable, MAX_REQUEST)
+        written = out.write(os.getrandom(out.available)) if out.available else 0
         self.requests += 1
         self.bytes_served += written
         return written
+
+    def counters(self) -> dict[str, int]:
+        return {"requests": self.requests, "bytes": self.bytes_served}

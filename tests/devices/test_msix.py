@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kvmm.devices import msix as M
+from kvmm.irq import LineInterrupt, MsiCallbacks
 from kvmm.memory import GuestMemory
 from kvmm.virtio import pci_legacy as L
 
@@ -79,7 +80,7 @@ def mem() -> GuestMemory:
 
 
 def test_virtio_config_moves_to_24_with_msix(mem: GuestMemory) -> None:
-    real = L.VirtioPciLegacy(EchoDevice(), mem, set_irq=lambda level: None, msix=True)
+    real = L.VirtioPciLegacy(EchoDevice(), mem, LineInterrupt(lambda level: None), MsiCallbacks())
     assert real.config_read(0x34, 1) == M.MSIX_CAP_OFFSET  # capability list points at MSI-X
     assert real.config_read(0x06, 2) & 0x10
     assert real.pio_read(L.CONFIG, 1) == 0x11
@@ -89,7 +90,7 @@ def test_virtio_config_moves_to_24_with_msix(mem: GuestMemory) -> None:
 
 
 def test_queue_vector_register_and_no_vector_for_unknown(mem: GuestMemory) -> None:
-    real = L.VirtioPciLegacy(EchoDevice(), mem, set_irq=lambda level: None, msix=True)
+    real = L.VirtioPciLegacy(EchoDevice(), mem, LineInterrupt(lambda level: None), MsiCallbacks())
     real.config_write(M.MSIX_CAP_OFFSET + 2, 2, M.MSIX_ENABLE)
     real.pio_write(L.QUEUE_SEL, 2, 1)
     real.pio_write(L.MSI_QUEUE_VECTOR, 2, 2)
@@ -101,8 +102,7 @@ def test_queue_vector_register_and_no_vector_for_unknown(mem: GuestMemory) -> No
 def test_used_buffers_signal_the_queue_vector_not_intx(mem: GuestMemory) -> None:
     levels: list[int] = []
     fired: list[int] = []
-    real = L.VirtioPciLegacy(EchoDevice(), mem, set_irq=levels.append, msix=True)
-    real.msi_fire = fired.append
+    real = L.VirtioPciLegacy(EchoDevice(), mem, LineInterrupt(levels.append), MsiCallbacks(fired.append))
     real.config_write(M.MSIX_CAP_OFFSET + 2, 2, M.MSIX_ENABLE)
     real.msix.mmio_write(2 * M.ENTRY_SIZE + 12, 4, 0)  # type: ignore[union-attr]  # unmask vector 2
     real.pio_write(L.QUEUE_SEL, 2, 0)

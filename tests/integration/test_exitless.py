@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from kvmm.vm import DiskConfig, IrqfdLine, Machine, Outcome, VmConfig
+from kvmm.irq import IrqfdLine
+from kvmm.vm import DiskConfig, Machine, Outcome, VmConfig
 
 pytestmark = pytest.mark.kvm
 
@@ -19,7 +20,7 @@ def run_notify_guest(guests, tmp_path: Path, exitless: bool, guest: str = "virti
                    disks=[DiskConfig(str(disk), serial="exitless-0")], exitless=exitless)
     with Machine(cfg) as m:
         result = m.run(timeout=60)
-        return result, console.read_text(), m.exit_report(), m.virtio[0].set_irq
+        return result, console.read_text(), m.exit_report(), m.platform.transports[0].intx
 
 
 def test_notify_by_ioeventfd_and_interrupt_by_irqfd(guests, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

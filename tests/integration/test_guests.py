@@ -155,7 +155,7 @@ def test_machine_runs_on_a_prepared_vm(flat_images: Path) -> None:
     config = VmConfig(kernel=str(flat_images / "flat_reset.bin"), kernel_format="flat", mem_size=16 << 20,
                       console_path="/dev/null", stdin=False, rng=False)
     with Machine(config, prepared=prepared) as m:
-        assert m.vm is prepared.vm and m.mem is prepared.mem
+        assert m.platform.vm is prepared.vm and m.platform.mem is prepared.mem
         assert m.run(timeout=30).outcome is Outcome.RESET
     assert prepared.vm.fd == -1 and prepared.kvm.fd == -1  # the machine owned and closed them
 

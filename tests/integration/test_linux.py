@@ -85,10 +85,10 @@ def test_bzimage_is_entered_at_its_64bit_entry_point(kernel_dir: Path, kvmm_mach
     image = kernel_dir / "bzImage"
     hdr = parse_bzimage(image.read_bytes())
     m = kvmm_machine(kernel=image, mem="256M", timeout=5)
-    assert m.boot.kind == "bzImage" and m.boot.entry == 0x100000 + 0x200
+    assert m.platform.boot.kind == "bzImage" and m.platform.boot.entry == 0x100000 + 0x200
     result = m.wait(60)
-    regs = m.vm.vcpus[0].get_regs()
-    sregs = m.vm.vcpus[0].get_sregs()
+    regs = m.platform.vm.vcpus[0].get_regs()
+    sregs = m.platform.vm.vcpus[0].get_sregs()
     if result.outcome is not Outcome.TIMEOUT:
         # Fast hardware boots all the way in 5 s and panics for want of a root file system.
         assert result.outcome in (Outcome.PANIC, Outcome.RESET), result
@@ -96,7 +96,7 @@ def test_bzimage_is_entered_at_its_64bit_entry_point(kernel_dir: Path, kvmm_mach
     # Still decompressing: in long mode, executing inside the decompressor's buffer.
     assert sregs.efer & (1 << 10), "left long mode"
     assert 0x100000 <= regs.rip < 0x1000000 + hdr.init_size, hex(regs.rip)
-    assert regs.rip != m.boot.entry
+    assert regs.rip != m.platform.boot.entry
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from kvmm.irq import LineInterrupt
 from kvmm.memory import GuestMemory
 from kvmm.virtio import device as vd
 from kvmm.virtio import pci_legacy as L
@@ -13,7 +14,7 @@ from .mock_queue import MockQueue
 class LegacyDriver:
     def __init__(self, device: VirtioDevice, mem: GuestMemory, first_pfn: int = 0x10) -> None:
         self.irq_levels: list[int] = []
-        self.transport = L.VirtioPciLegacy(device, mem, set_irq=self.irq_levels.append)
+        self.transport = L.VirtioPciLegacy(device, mem, LineInterrupt(self.irq_levels.append))
         self.mem = mem
         self.queues: list[MockQueue] = []
         self.first_pfn = first_pfn

@@ -19,6 +19,8 @@ class EchoDevice:
 
     device_id = 0x7F
     queue_sizes = (8, 16)
+    pci_class_code = 0xFF0000
+    name = "echo"
 
     def __init__(self) -> None:
         self.cfg = bytearray(b"\x11\x22\x33\x44\x55\x66")
@@ -56,6 +58,15 @@ class EchoDevice:
     def load_state(self, data: object) -> None:
         assert isinstance(data, dict)
         self.cfg = bytearray.fromhex(data["cfg"])
+
+    def counters(self) -> dict[str, int]:
+        return {"activations": self.activations}
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 @pytest.fixture

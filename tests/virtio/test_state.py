@@ -10,6 +10,7 @@ import pytest
 from kvmm.devices.cmos import Cmos, CmosState
 from kvmm.devices.serial import Serial8250, SerialState
 from kvmm.errors import SnapshotError
+from kvmm.irq import LineInterrupt, MsiCallbacks
 from kvmm.memory import GuestMemory
 from kvmm.state import from_json, to_json
 from kvmm.virtio import device as vd
@@ -173,17 +174,17 @@ def test_queue_geometry_is_checked_as_queue_pfn_would_be(mem: GuestMemory, chang
 
 
 def test_msix_vector_outside_the_table_is_refused(mem: GuestMemory) -> None:
-    t = L.VirtioPciLegacy(EchoDevice(), mem, set_irq=lambda level: None, msix=True)
+    t = L.VirtioPciLegacy(EchoDevice(), mem, LineInterrupt(lambda level: None), MsiCallbacks())
     saved = t.save_state()
     saved.config_vector = 200
     with pytest.raises(SnapshotError, match="vector 200 is not in the table"):
-        L.VirtioPciLegacy(EchoDevice(), mem, set_irq=lambda level: None, msix=True).load_state(saved, "t")
+        L.VirtioPciLegacy(EchoDevice(), mem, LineInterrupt(lambda level: None), MsiCallbacks()).load_state(saved, "t")
 
 
 def test_msix_state_for_a_device_without_msix_is_refused(mem: GuestMemory) -> None:
-    saved = L.VirtioPciLegacy(EchoDevice(), mem, set_irq=lambda level: None, msix=True).save_state()
+    saved = L.VirtioPciLegacy(EchoDevice(), mem, LineInterrupt(lambda level: None), MsiCallbacks()).save_state()
     with pytest.raises(SnapshotError, match="MSI-X present in the snapshot"):
-        L.VirtioPciLegacy(EchoDevice(), mem, set_irq=lambda level: None, msix=False).load_state(saved, "t")
+        L.VirtioPciLegacy(EchoDevice(), mem, LineInterrupt(lambda level: None)).load_state(saved, "t")
 
 
 def test_device_state_for_a_stateless_device_is_refused() -> None:
