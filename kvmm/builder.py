@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple, cast
 from . import layout, x86
 from .coalesced import CoalescedPio
 from .config import Outcome, VmConfig, VmResult
-from .console import ConsoleOutput
+from .console import ConsoleInput, ConsoleOutput
 from .defaults import CONSOLE_DEVICES, MAX_CPUS
 from .devices.bus import MmioBus, PioBus, PioDevice
 from .devices.cmos import Cmos
@@ -43,7 +43,7 @@ from .memory import GuestMemory
 
 if TYPE_CHECKING:  # imported where used: a VM without snapshots or virtio devices skips them
     from .snapshot import MachineState, Snapshot, VcpuStateIo
-    from .virtio.device import ConsoleInput, VirtioDevice
+    from .virtio.device import VirtioDevice
     from .virtio.pci_legacy import VirtioPciLegacy
     from .x86 import PreparedVm
 

@@ -82,6 +82,16 @@ class DiskConfig(NamedTuple):
         return cls(path, read_only, serial)
 
 
+def parse_mac(text: str) -> bytes:
+    parts = text.split(":")
+    if len(parts) != 6 or not all(len(p) == 2 for p in parts):
+        raise ValueError(f"invalid MAC address {text!r}: expected six hex bytes like 52:54:00:12:34:56")
+    mac = bytes(int(p, 16) for p in parts)
+    if mac[0] & 1:
+        raise ValueError(f"MAC address {text} is a multicast address")
+    return mac
+
+
 def default_mac(seed: str) -> bytes:
     """A stable, locally administered unicast MAC in QEMU's 52:54:00 range."""
     import hashlib
@@ -103,8 +113,6 @@ class NetConfig(NamedTuple):
     @classmethod
     def parse(cls, spec: str) -> NetConfig:
         """``tap=NAME[,mac=52:54:00:..]`` as given to --net."""
-        from .virtio.net import parse_mac  # here: the module is loaded only for a VM with a NIC
-
         tap, mac = None, None
         for opt in spec.split(","):
             key, _, value = opt.partition("=")

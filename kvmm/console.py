@@ -17,11 +17,10 @@ import threading
 import time
 import tty
 from collections import deque
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Protocol
 
 if TYPE_CHECKING:
     from .eventloop import EventLoop
-    from .virtio.device import ConsoleInput
 
 LOG = logging.getLogger(__name__)
 
@@ -30,6 +29,16 @@ FLUSH_THRESHOLD = 4096
 TRANSCRIPT_LIMIT = 16 << 20
 LINE_LIMIT = 64 << 10  # the longest line handed to line listeners
 ESCAPE_CHAR = 0x01  # Ctrl-A, then 'x' quits (as QEMU's -nographic)
+
+
+class ConsoleInput(Protocol):
+    """A device that takes the host's console input (the UART, virtio-console)."""
+
+    def receive(self, data: bytes) -> int:
+        """Queue input for the guest; returns how many bytes were accepted."""
+
+    def rx_room(self) -> int:
+        """How many more bytes :meth:`receive` would accept now."""
 
 
 class ConsoleOutput:

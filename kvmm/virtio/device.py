@@ -24,7 +24,7 @@ from .queue import Chain, ChainError, Queue, QueueError
 
 if TYPE_CHECKING:
     from ..config import VmConfig
-    from ..console import ConsoleOutput
+    from ..console import ConsoleInput, ConsoleOutput
     from ..eventloop import EventLoop
     from ..memory import GuestMemory
 
@@ -100,16 +100,6 @@ class VirtioDevice(Protocol):
 
     def close(self) -> None:
         """Release the backend (the machine is closing); flushes first where it writes."""
-
-
-class ConsoleInput(Protocol):
-    """A device that takes the host's console input (the UART, virtio-console)."""
-
-    def receive(self, data: bytes) -> int:
-        """Queue input for the guest; returns how many bytes were accepted."""
-
-    def rx_room(self) -> int:
-        """How many more bytes :meth:`receive` would accept now."""
 
 
 class DeviceContext(NamedTuple):

@@ -23,7 +23,7 @@ import os
 import struct
 from typing import TYPE_CHECKING
 
-from ..config import default_mac
+from ..config import default_mac, parse_mac  # noqa: F401 (parse_mac: this module's name for it)
 from ..eventloop import EventLoop
 from ..memory import GuestMemory
 from ..tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, Tap
@@ -55,16 +55,6 @@ VIRTIO_NET_F_MRG_RXBUF = 15
 VIRTIO_NET_F_STATUS = 16
 MRG_HDR_LEN = 12
 VIRTIO_NET_S_LINK_UP = 1
-
-
-def parse_mac(text: str) -> bytes:
-    parts = text.split(":")
-    if len(parts) != 6 or not all(len(p) == 2 for p in parts):
-        raise ValueError(f"invalid MAC address {text!r}: expected six hex bytes like 52:54:00:12:34:56")
-    mac = bytes(int(p, 16) for p in parts)
-    if mac[0] & 1:
-        raise ValueError(f"MAC address {text} is a multicast address")
-    return mac
 
 
 def create(ctx: DeviceContext) -> list[VirtioDevice]:
