@@ -9,7 +9,7 @@ import re
 import sys
 import threading
 import types
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
 
 def _defer_import(name: str) -> None:
@@ -121,6 +121,20 @@ a CI job (GitHub Actions):
 
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser with its epilog made when help is printed (the exit status
+    table is formatted for --help only, not at every start)."""
+
+    def __init__(self, *args: Any, epilog_maker: Callable[[], str] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.epilog_maker = epilog_maker
+
+    def format_help(self) -> str:
+        if self.epilog_maker is not None:
+            self.epilog = self.epilog_maker()
+        return super().format_help()
+
+
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """argparse's formatter, sized the way it sizes itself, minus its ``import shutil``
     (which pulls in bz2, lzma and fnmatch: 3 ms of every start, since argparse builds a
@@ -138,12 +152,13 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def build_parser(prog: str = "kvmm", smoke: bool = False) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog=prog,
         description=("Boot a guest and wait for a console line: the one-line CI smoke boot." if smoke else
                      "Boot a Linux kernel in a KVM virtual machine, with its console on your terminal. "
                      "'kvmm smoke --help' for the CI smoke boot."),
-        epilog=SMOKE_EPILOG if smoke else EPILOG.format(statuses=_status_table(EXIT_STATUSES)),
+        epilog=SMOKE_EPILOG if smoke else None,
+        epilog_maker=None if smoke else lambda: EPILOG.format(statuses=_status_table(EXIT_STATUSES)),
         formatter_class=_HelpFormatter,
     )
     if smoke:

@@ -2,15 +2,55 @@
 
 Numbers follow ``<linux/kvm.h>``: each is declared beside the structure it carries, so a
 size change in :mod:`kvmm.kvm.structs` changes the number with it.
+
+ioctl-opt imports ctypes, ~18 M instructions (a tenth of a kvmm command's start-up), so
+its answers are cached: ``scripts/gen-abi`` writes ioctl-opt's number for every
+declaration below to ``_ioctl_numbers.py``; a declaration the cache lacks (a new ioctl,
+a changed struct size) is computed by ioctl-opt at import, as before.
+``tests/kvm/test_structs.py`` holds the cache to ioctl-opt and to the C headers.
 """
 
 from __future__ import annotations
 
-from ioctl_opt import IO, IOR, IOW, IOWR
-
 from .structs import ffi
 
+try:
+    from ._ioctl_numbers import NUMBERS as _CACHED
+except ImportError:  # pragma: no cover (the file ships with kvmm)
+    _CACHED = {}
+
 KVMIO = 0xAE
+
+# Every declaration of this module: (ioctl-opt function, type, nr, size) -> number.
+DECLARED: dict[tuple[str, int, int, int], int] = {}
+
+
+def _number(kind: str, type_: int, nr: int, size: bytearray | None = None) -> int:
+    key = (kind, type_, nr, 0 if size is None else len(size))
+    number = _CACHED.get(key)
+    if number is None:
+        import ioctl_opt
+
+        fn = getattr(ioctl_opt, kind)
+        number = int(fn(type_, nr) if size is None else fn(type_, nr, size))
+    DECLARED[key] = number
+    return number
+
+
+def IO(type_: int, nr: int) -> int:
+    return _number("IO", type_, nr)
+
+
+def IOR(type_: int, nr: int, size: bytearray) -> int:
+    return _number("IOR", type_, nr, size)
+
+
+def IOW(type_: int, nr: int, size: bytearray) -> int:
+    return _number("IOW", type_, nr, size)
+
+
+def IOWR(type_: int, nr: int, size: bytearray) -> int:
+    return _number("IOWR", type_, nr, size)
 
 
 def _size(ctype: str) -> bytearray:

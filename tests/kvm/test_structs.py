@@ -59,3 +59,17 @@ def test_the_preparsed_abi_module_is_current() -> None:
 
     assert _abi.CDEF_DIGEST == cdef_digest(), "run scripts/gen-abi"
     assert ffi is _abi.ffi
+
+
+def test_the_cached_ioctl_numbers_are_ioctl_opts_for_every_declaration() -> None:
+    # kvmm/kvm/_ioctl_numbers.py spares every start ioctl-opt's import (ctypes); it must
+    # hold ioctl-opt's answer for each declaration (regenerate with scripts/gen-abi).
+    import ioctl_opt
+
+    from kvmm.kvm._ioctl_numbers import NUMBERS
+
+    assert len(K.DECLARED) >= 40
+    for (kind, type_, nr, size), number in K.DECLARED.items():
+        fn = getattr(ioctl_opt, kind)
+        assert number == (fn(type_, nr) if kind == "IO" else fn(type_, nr, bytearray(size)))
+        assert NUMBERS.get((kind, type_, nr, size)) == number, "run scripts/gen-abi"
