@@ -156,7 +156,7 @@ def build_parser(prog: str = "kvmm", smoke: bool = False) -> argparse.ArgumentPa
         prog=prog,
         description=("Boot a guest and wait for a console line: the one-line CI smoke boot." if smoke else
                      "Boot a Linux kernel in a KVM virtual machine, with its console on your terminal. "
-                     "'kvmm smoke --help' for the CI smoke boot."),
+                     "'kvmm smoke --help' for the CI smoke boot, 'kvmm host' to check this host."),
         epilog=SMOKE_EPILOG if smoke else None,
         epilog_maker=None if smoke else lambda: EPILOG.format(statuses=_status_table(EXIT_STATUSES)),
         formatter_class=_HelpFormatter,
@@ -197,8 +197,23 @@ def build_parser(prog: str = "kvmm", smoke: bool = False) -> argparse.ArgumentPa
                    "(status, pause, resume, snapshot, shutdown, stats; see 'kvmm ctl --help')")
     p.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
     p.add_argument("-v", "--verbose", action="store_true", help="log debugging detail")
-    p.add_argument("--version", action="version", version=f"kvmm {__version__}")
+    p.add_argument("--version", action=_VersionAction, help="print kvmm's version and the host's KVM kind, then exit")
     return p
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: the version and the host's KVM kind (kvmm.host.kind_summary: stat
+    calls only), worked out when asked for rather than at every parser build."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> NoReturn:
+        from .host import kind_summary
+
+        print(f"kvmm {__version__} (host KVM: {kind_summary()})")
+        parser.exit()
 
 
 CTL_EPILOG = f"""\
@@ -254,6 +269,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "ctl":
         return ctl_main(argv[1:])
+    if argv and argv[0] == "host":
+        from .hostcheck import main as host_main
+
+        return host_main(argv[1:])
     smoke = bool(argv) and argv[0] == "smoke"
     parser = build_parser("kvmm smoke" if smoke else "kvmm", smoke)
     args = parser.parse_args(argv[1:] if smoke else argv)

@@ -45,6 +45,9 @@ EXIT_STATUSES = (
     ("130, 143", "interrupted by SIGINT or SIGTERM (or `Ctrl-A x`)"),
 )
 
+KVM_DEVICE = "/dev/kvm"
+KVM_DEVICE_ENV = "KVMM_KVM_DEVICE"  # names another node instead (used by tests)
+
 MAX_CPUS = 16  # the MP table lives in the 1 KiB below 640 KiB
 CONSOLE_DEVICES = ("serial", "virtio")  # the 8250 (ttyS0) or virtio-console (hvc0)
 

@@ -27,7 +27,7 @@ NOT_AT_START = (
     "shutil", "bz2", "lzma", "pathlib",  # argparse's formatter and cdef.py used to pull these in
     "cffi",  # the declarations come pre-parsed (kvmm/kvm/_abi.py)
     "ioctl_opt", "ctypes",  # its numbers come cached (kvmm/kvm/_ioctl_numbers.py)
-    "kvmm.snapshot", "kvmm.api", "kvmm.tap", "kvmm.loader.elf", "kvmm.loader.bzimage",
+    "kvmm.snapshot", "kvmm.api", "kvmm.tap", "kvmm.hostcheck", "kvmm.loader.elf", "kvmm.loader.bzimage",
     "kvmm.virtio.blk", "kvmm.virtio.net", "kvmm.virtio.console", "kvmm.virtio.rng", "kvmm.virtio.pci_legacy",
 )
 

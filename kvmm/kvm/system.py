@@ -15,6 +15,7 @@ import os
 import struct
 from typing import Any
 
+from ..defaults import KVM_DEVICE, KVM_DEVICE_ENV
 from ..errors import KvmError, KvmUnavailableError
 from . import ioctls as K
 from .exits import (
@@ -35,12 +36,11 @@ LOG = logging.getLogger(__name__)
 
 _libc = ffi.dlopen(None)  # the process's own libc (cffi already holds the KVM structs; no ctypes)
 
-KVM_DEVICE = "/dev/kvm"
-
 
 def kvm_device_path() -> str:
     """/dev/kvm, or the node named by ``KVMM_KVM_DEVICE`` (used by tests)."""
-    return os.environ.get("KVMM_KVM_DEVICE", KVM_DEVICE)
+    return os.environ.get(KVM_DEVICE_ENV, KVM_DEVICE)
+
 
 _EXIT_REASON = struct.Struct("<I")
 _EXIT_REASON_OFFSET = ffi.offsetof("struct kvm_run", "exit_reason")
@@ -119,6 +119,7 @@ class Kvm(_FdOwner):
             raise KvmUnavailableError(f"cannot open {path}: {exc.strerror}") from None
         super().__init__(fd)
         version = ioctl_int(fd, K.KVM_GET_API_VERSION)
+        self.api_version = version
         if version != K.KVM_API_VERSION:
             self.close()
             raise KvmUnavailableError(f"{path} speaks KVM API {version}, kvmm needs {K.KVM_API_VERSION}")
