@@ -288,7 +288,7 @@ def _pvm_means(kind: HostKind) -> str:
         done.append("steps over an fwait it cannot run")
     if kind.hidden_kvm_features:
         done.append(f"hides the hypercall-based KVM features{hidden}")
-    return ("guest code runs about 1000 times slower than on hardware (a Linux boot to init takes about a minute); "
+    return ("guest code runs about 1000 times slower than on hardware (a Linux boot to init takes 30-60 s); "
             "guest user space cannot make system calls, so a Linux boot ends when the kernel starts /init "
             "(exit status 0); kvmm " + ", ".join(done[:-1]) + " and " + done[-1])
 
@@ -428,20 +428,22 @@ def format_table(checks: list[Check], width: int | None = None) -> str:
     indent = " " * (7 + 2 + name_w + 2)
     lines = [f"kvmm {__version__}: can this host run kvmm? (docs/hosts.md explains each line)", "", head]
 
-    def emit(first: str, text: str) -> None:
-        if width is None or width <= len(indent) + 20:
+    def emit(first: str, text: str, hang: int = 0) -> None:
+        """``first`` then ``text`` wrapped into the last column (continuation lines
+        ``hang`` further in, under the text after a ``means:``/``fix:`` label)."""
+        if width is None or width <= len(indent) + hang + 20:
             lines.append(first + text)
             return
-        wrapped = textwrap.wrap(text, width - len(indent)) or [""]
+        wrapped = textwrap.wrap(text, width - len(indent), subsequent_indent=" " * hang) or [""]
         lines.append(first + wrapped[0])
         lines.extend(indent + more for more in wrapped[1:])
 
     for c in checks:
         emit(f"{c.verdict:<7}  {c.name:<{name_w}}  ", c.detail)
         if c.means:
-            emit(indent, "means: " + c.means)
+            emit(indent, "means: " + c.means, 7)
         if c.fix:
-            emit(indent, "fix:   " + c.fix)
+            emit(indent, "fix:   " + c.fix, 7)
     lines += ["", summary(checks)]
     return "\n".join(lines)
 
