@@ -117,8 +117,8 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 SECONDS=0
 
-say "kernels/build.sh: building the guest kernel from linux-source $src_version (5-9 minutes on 2 cores)"
-say "kernels/build.sh: make's output goes to $log"
+say "kernels/build.sh: building Linux $src_version for kvmm, 5-9 minutes on 2 cores"
+say "kernels/build.sh: full log in $log"
 
 # [1/4] unpack
 tar_size=$(stat -c %s "$tarball")
@@ -179,7 +179,7 @@ build_progress() {
         fi
     fi
     if [ -n "$link_start" ]; then
-        local step; step=$(grep -E '^  [A-Z]+ ' "$log" | tail -n 1 | awk '{ print $1, $2 }')
+        local step; step=$( { grep -E '^  [A-Z]+ ' "$log" || true; } | tail -n 1 | awk '{ print $1, $2 }')
         status "  [4/4] link       ${step:+$step, }$(mmss $SECONDS) elapsed"
         return
     fi
