@@ -193,7 +193,6 @@ def _node(path: str) -> tuple[str, str, str | None]:
         return "missing", "does not exist", None
     except OSError as exc:
         return "no access", f"cannot be examined: {exc.strerror}", None
-    group: str | None = None
     try:
         import grp
 
@@ -396,8 +395,8 @@ def _hugepages_check(facts: HostFacts) -> Check:
 
 def _memory_check(facts: HostFacts) -> Check:
     if facts.mem_available is None:
-        return Check("available memory", NOTE, "unknown (no MemAvailable in /proc/meminfo)",
-                     "kvmm then asks psutil at start")
+        return Check("available memory", NOTE, "unknown (no MemAvailable in /proc/meminfo: a kernel before 3.14)",
+                     means="kvmm asks psutil instead when it starts a VM")
     mib = facts.mem_available >> 20
     if mib < MIN_GUEST_MIB:
         return Check("available memory", FAIL, f"{mib} MiB", "free memory on the host",
