@@ -113,6 +113,7 @@ cleanup() {
     rm -rf "$work"
 }
 trap cleanup EXIT
+trap 'exit 129' HUP  # the terminal closed: still remove the work tree (1.3 GB)
 trap 'exit 130' INT
 trap 'exit 143' TERM
 SECONDS=0

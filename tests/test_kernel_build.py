@@ -12,6 +12,7 @@ import io
 import os
 import pty
 import re
+import signal
 import subprocess
 import tarfile
 import threading
@@ -138,6 +139,29 @@ def test_a_failed_build_shows_the_log_tail(tmp_path: Path) -> None:
     assert "obj7.o: error: made to fail" in res.stderr
     assert not list((tmp_path / "cache").glob("kernel-*/vmlinux"))
     assert not list((tmp_path / "cache").glob("build-*"))  # the work tree is removed
+
+
+@pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 143), (signal.SIGHUP, 129)])
+def test_a_stopped_build_leaves_no_work_tree_and_no_make(tmp_path: Path, sig: signal.Signals, status: int) -> None:
+    proc = subprocess.Popen([str(BUILD)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=build_env(tmp_path, 0.5))
+    log = None
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # until make compiles
+        logs = list((tmp_path / "cache").glob("kernel-*.log"))
+        if logs and "  CC      obj" in logs[0].read_text():
+            log = logs[0]
+            break
+        time.sleep(0.2)
+    assert log is not None, "the fake build never started compiling"
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == status, err
+    assert not list((tmp_path / "cache").glob("build-*"))
+    time.sleep(1)
+    compiled = log.read_text().count("  CC      obj")
+    time.sleep(1.5)
+    assert log.read_text().count("  CC      obj") == compiled, "make went on compiling after the build was stopped"
 
 
 def test_key_is_unchanged_without_a_tarball_override(tmp_path: Path) -> None:
