@@ -108,8 +108,11 @@ fail() {
 
 work=$(mktemp -d "$cache/build-$key.XXXXXX")
 cleanup() {
+    local rc=$?
     if [ -n "$job" ]; then kill "$job" 2>/dev/null || true; wait "$job" 2>/dev/null || true; fi
     $status_shown && printf '\n' >&2
+    # Removing a half-built tree can take a while on a busy disk: say why we are still here.
+    [ "$rc" = 0 ] || echo "kernels/build.sh: removing the unfinished build tree $work" >&2
     rm -rf "$work"
 }
 trap cleanup EXIT

@@ -157,6 +157,7 @@ def test_a_stopped_build_leaves_no_work_tree_and_no_make(tmp_path: Path, sig: si
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == status, err
+    assert "kernels/build.sh: removing the unfinished build tree" in err
     assert not list((tmp_path / "cache").glob("build-*"))
     time.sleep(1)
     compiled = log.read_text().count("  CC      obj")
