@@ -176,9 +176,15 @@ class TerminalInput:
         self._escape = False
 
     def enter_raw(self) -> None:
+        """Raw input (every key goes to the guest), but output still post-processed: a
+        kvmm log line or a guest's bare newline starts at the left margin (ONLCR), where
+        tty.setraw alone would leave the cursor mid-line."""
         if self.is_tty and self._saved is None:
             self._saved = termios.tcgetattr(self.fd)
             tty.setraw(self.fd)
+            attrs = termios.tcgetattr(self.fd)
+            attrs[1] |= termios.OPOST | termios.ONLCR  # oflag
+            termios.tcsetattr(self.fd, termios.TCSANOW, attrs)
 
     def restore(self) -> None:
         if self._saved is not None:
