@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from kvmm import Outcome
+from kvmm import Outcome, VmResult
 
 pytestmark = pytest.mark.kvm
 
@@ -55,7 +55,7 @@ def test_fixture_restores_a_snapshot(guests, kvmm_machine, tmp_path) -> None:  #
     m.console.expect(rb"tick 5\n", timeout=60)
     m.pause()
     m.snapshot(tmp_path / "snap")
-    m.stop(m._guest_reset("snapshot taken"))
+    m.stop(VmResult(Outcome.RESET, "snapshot taken"))
     copy = tmp_path / "copy.img"
     import shutil
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmm import Machine
+from kvmm import Machine, Outcome, VmResult
 from kvmm.api import request
 from kvmm.snapshot import _manifest_checksum
 
@@ -142,7 +142,7 @@ def test_control_socket_rejects_bad_requests(guests, tmp_path: Path) -> None:  #
             assert json.loads(s.recv(4096))["error"] == "the request is not valid JSON"
         assert request(str(sock), "status")["state"] == "running"  # still serving
         assert "exits" in request(str(sock), "stats")
-        m.stop(m._guest_reset("test over"))
+        m.stop(VmResult(Outcome.RESET, "test over"))
 
 
 def test_api_socket_in_use_is_refused(guests, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
