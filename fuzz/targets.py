@@ -17,14 +17,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from kernel_images import wrap_payload  # noqa: E402
 from kvmm.devices.bus import MmioBus, PioBus  # noqa: E402
 from kvmm.devices.cmos import Cmos  # noqa: E402
 from kvmm.devices.i8042 import I8042  # noqa: E402
 from kvmm.devices.pci import PciBus, PciDevice  # noqa: E402
 from kvmm.devices.serial import Serial8250  # noqa: E402
-from kvmm.errors import SnapshotError  # noqa: E402
+from kvmm.errors import KernelImageError, SnapshotError  # noqa: E402
 from kvmm.eventloop import EventLoop  # noqa: E402
 from kvmm.irq import LineInterrupt, MsiCallbacks  # noqa: E402
+from kvmm.loader import load_linux  # noqa: E402
 from kvmm.memory import GuestMemory  # noqa: E402
 from kvmm.snapshot import MachineState, load_devices  # noqa: E402
 from kvmm.state import from_json  # noqa: E402
@@ -205,6 +207,25 @@ def fuzz_snapshot_state(data: bytes) -> None:
         st = from_json(MachineState, raw, "state")
         load_devices(st, *_snapshot_devices())
     except SnapshotError:
+        pass
+
+
+_kernel_mem = GuestMemory.allocate(4 << 20, check_available=False)
+
+
+def fuzz_bzimage_payload(data: bytes) -> None:
+    """A bzImage (the project kernel's setup header) whose payload is the fuzz input after
+    4 knob bytes: the boot protocol version (2.06 + byte 0 % 10), bytes cut from the end
+    of payload_length (byte 1), the kernel's own decompressor asked for (byte 2, bit 0).
+    Loaded into 4 MiB of guest RAM, which also bounds the decompressed size. Only
+    KernelImageError may come out (the CLI's one line, exit status 10)."""
+    r = _Reader(data)
+    version, cut, flags = 0x0206 + r.take(1) % 10, r.take(1), r.take(2)
+    payload = r.rest()
+    image = wrap_payload(payload, version=version, payload_length=max(len(payload) - cut, 0))
+    try:
+        load_linux(_kernel_mem, image, "console=ttyS0", name="fuzz", bzimage_decompressor=bool(flags & 1))
+    except KernelImageError:
         pass
 
 

@@ -25,7 +25,7 @@ from . import layout, x86
 from .coalesced import CoalescedPio
 from .config import Outcome, VmConfig, VmResult
 from .console import ConsoleInput, ConsoleOutput
-from .defaults import CONSOLE_DEVICES, MAX_CPUS
+from .defaults import CONSOLE_DEVICES, KERNEL_FORMATS, MAX_CPUS
 from .devices.bus import MmioBus, PioBus, PioDevice
 from .devices.cmos import Cmos
 from .devices.debug import DebugExit, PostCode
@@ -249,7 +249,8 @@ def _build(cfg: VmConfig, host: HostKind, loop: EventLoop, events: PlatformEvent
             p.vm = x86.create_vm(p.kvm, p.mem, coalesce_uart=cfg.exitless and snapshot is None)
         if kernel is not None:
             p.boot = (load_flat(p.mem, kernel, name=cfg.kernel) if cfg.kernel_format == "flat"
-                      else load_linux(p.mem, kernel, p.cmdline, initrd, name=cfg.kernel))
+                      else load_linux(p.mem, kernel, p.cmdline, initrd, name=cfg.kernel,
+                                      bzimage_decompressor=cfg.kernel_format == "bzimage"))
             if p.boot.kind != "flat":
                 x86.write_boot_tables(p.mem)
         _log_start(p, snapshot)
@@ -281,8 +282,8 @@ def _build(cfg: VmConfig, host: HostKind, loop: EventLoop, events: PlatformEvent
 def _check(cfg: VmConfig) -> None:
     if not 1 <= cfg.cpus <= MAX_CPUS:
         raise ConfigError(f"--cpus must be between 1 and {MAX_CPUS}, not {cfg.cpus}")
-    if cfg.kernel_format not in ("auto", "flat"):
-        raise ConfigError(f"unknown kernel format {cfg.kernel_format!r}: expected auto or flat")
+    if cfg.kernel_format not in KERNEL_FORMATS:
+        raise ConfigError(f"unknown kernel format {cfg.kernel_format!r}: expected {', '.join(KERNEL_FORMATS)}")
     if cfg.console_device not in CONSOLE_DEVICES:
         raise ConfigError(f"unknown console device {cfg.console_device!r}: expected serial or virtio")
     if cfg.kernel_format == "flat" and cfg.initrd:

@@ -49,7 +49,7 @@ import logging  # noqa: E402
 
 from . import __version__  # noqa: E402
 from .defaults import (  # noqa: E402
-    CONSOLE_DEVICES, DEFAULT_CMDLINE, EXIT_CTL_UNREACHABLE, EXIT_SMOKE_ENDED, EXIT_STATUSES,
+    CONSOLE_DEVICES, DEFAULT_CMDLINE, EXIT_CTL_UNREACHABLE, EXIT_SMOKE_ENDED, EXIT_STATUSES, KERNEL_FORMATS,
 )
 from .errors import KvmmError  # noqa: E402
 
@@ -169,9 +169,10 @@ def build_parser(prog: str = "kvmm", smoke: bool = False) -> argparse.ArgumentPa
                        "(made by the control socket's snapshot command) instead of booting a kernel")
         p.add_argument("--verify-memory", action="store_true",
                        help="with --restore: check the snapshot memory's digest first (reads what the guest had touched)")
-    p.add_argument("--kernel-format", choices=("auto", "flat"), default="auto",
-                   help="auto: ELF vmlinux or bzImage (default); flat: a real-mode binary loaded and entered "
-                   "at 1000:0000, as kvmtool does (tiny test guests)")
+    p.add_argument("--kernel-format", choices=KERNEL_FORMATS, default="auto",
+                   help="auto: an ELF vmlinux, or a bzImage whose compressed kernel kvmm decompresses on the host "
+                   "(default); bzimage: enter the bzImage's own decompressor instead; flat: a real-mode binary "
+                   "loaded and entered at 1000:0000, as kvmtool does (tiny test guests)")
     p.add_argument("--initrd", metavar="PATH", help="initial ramdisk (e.g. a gzip cpio archive)")
     p.add_argument("--disk", action="append", default=[], metavar="PATH[,ro][,serial=ID]",
                    help="raw disk image as a virtio-blk disk (vda, vdb, ... in order); repeatable")

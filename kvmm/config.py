@@ -172,4 +172,4 @@ class VmConfig:
     host: HostKind | None = None
     default_cmdline: tuple[str, ...] = DEFAULT_CMDLINE
     api_socket: str | None = None  # a control socket (kvmm.api) at this path
-    kernel_format: str = "auto"  # "auto" (ELF vmlinux or bzImage) or "flat" (a real-mode binary at 1000:0000)
+    kernel_format: str = "auto"  # one of kvmm.defaults.KERNEL_FORMATS: "auto", "bzimage" or "flat"

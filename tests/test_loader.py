@@ -13,41 +13,7 @@ from kvmm.loader import load_linux
 from kvmm.loader.bzimage import parse_bzimage
 from kvmm.loader.elf import parse_elf
 from kvmm.memory import GuestMemory
-
-
-def make_elf(entry: int = 0x200000, segments: list[tuple[int, bytes, int]] | None = None, ei_class: int = 2,
-             machine: int = 62, e_type: int = 2) -> bytes:
-    """A minimal ELF64 executable: ``segments`` is [(paddr, data, memsz)]."""
-    segments = segments if segments is not None else [(0x200000, b"\xf4" * 16, 32)]
-    phoff = 64
-    data_off = phoff + 56 * len(segments)
-    phdrs, blobs = b"", b""
-    for paddr, data, memsz in segments:
-        phdrs += struct.pack("<IIQQQQQQ", 1, 5, data_off + len(blobs), paddr, paddr, len(data), memsz, 0x1000)
-        blobs += data
-    ident = b"\x7fELF" + bytes([ei_class, 1, 1]) + b"\0" * 9
-    ehdr = struct.pack("<16sHHIQQQIHHHHHH", ident, e_type, machine, 1, entry, phoff, 0, 0, 64, 56, len(segments), 64, 0, 0)
-    return ehdr + phdrs + blobs
-
-
-def make_bzimage(version: int = 0x020F, xloadflags: int = 1, loadflags: int = 1, setup_sects: int = 4,
-                 payload: bytes = b"\x90" * 1024, relocatable: int = 1, pref: int = 0x1000000, init_size: int = 0x100000) -> bytes:
-    img = bytearray((setup_sects + 1) * 512)
-    img[bp.HDR_SETUP_SECTS] = setup_sects
-    struct.pack_into("<H", img, bp.HDR_BOOT_FLAG, 0xAA55)
-    img[bp.HDR_JUMP] = 0xEB
-    img[bp.HDR_JUMP + 1] = 0x66  # header runs to 0x268
-    struct.pack_into("<I", img, bp.HDR_HEADER, bp.HDRS_MAGIC)
-    struct.pack_into("<H", img, bp.HDR_VERSION, version)
-    img[bp.HDR_LOADFLAGS] = loadflags
-    struct.pack_into("<I", img, bp.HDR_CODE32_START, 0x100000)
-    struct.pack_into("<I", img, bp.HDR_INITRD_ADDR_MAX, 0x7FFFFFFF)
-    img[bp.HDR_RELOCATABLE] = relocatable
-    struct.pack_into("<H", img, bp.HDR_XLOADFLAGS, xloadflags)
-    struct.pack_into("<I", img, bp.HDR_CMDLINE_SIZE, 2047)
-    struct.pack_into("<Q", img, bp.HDR_PREF_ADDRESS, pref)
-    struct.pack_into("<I", img, bp.HDR_INIT_SIZE, init_size)
-    return bytes(img) + payload
+from kernel_images import make_bzimage, make_elf
 
 
 @pytest.fixture
@@ -199,18 +165,31 @@ def test_initrd_that_does_not_fit_is_refused(mem: GuestMemory) -> None:
 
 # --- the real guest kernel ----------------------------------------------------------------------
 @pytest.mark.kvm
-def test_real_vmlinux_and_bzimage_of_the_same_kernel_load(kernel_dir: Path) -> None:
+def test_real_bzimage_entered_through_its_own_decompressor(kernel_dir: Path) -> None:
+    image = (kernel_dir / "bzImage").read_bytes()
     mem = GuestMemory.allocate(256 << 20, check_available=False)
-    info = load_linux(mem, (kernel_dir / "vmlinux").read_bytes(), "console=ttyS0")
-    assert info.kind == "vmlinux" and info.entry == 0x1000000  # phys_startup_64
-    mem2 = GuestMemory.allocate(256 << 20, check_available=False)
-    bz = load_linux(mem2, (kernel_dir / "bzImage").read_bytes(), "console=ttyS0")
-    hdr = parse_bzimage((kernel_dir / "bzImage").read_bytes())
+    bz = load_linux(mem, image, "console=ttyS0", bzimage_decompressor=True)
+    hdr = parse_bzimage(image)
     assert hdr.version >= 0x020F
     # boot.rst: a non-relocatable kernel runs at code32_start (1 MiB), a relocatable one
     # at pref_address; the 64-bit entry is 0x200 bytes in.
     assert bz.kind == "bzImage" and bz.entry == (hdr.load_addr if hdr.relocatable else 0x100000) + 0x200
-    assert mem2.read(hdr.load_addr, 64) == (kernel_dir / "bzImage").read_bytes()[hdr.payload_offset : hdr.payload_offset + 64]
+    assert mem.read(hdr.load_addr, 64) == image[hdr.pm_offset : hdr.pm_offset + 64]
+
+
+@pytest.mark.kvm
+def test_real_bzimage_payload_loads_as_its_vmlinux_does(kernel_dir: Path) -> None:
+    # The host-decompressed payload puts every PT_LOAD segment where the vmlinux of the
+    # same build puts it, byte for byte, and is entered at the same startup_64.
+    vmlinux = (kernel_dir / "vmlinux").read_bytes()
+    mem = GuestMemory.allocate(256 << 20, check_available=False)
+    info = load_linux(mem, vmlinux, "console=ttyS0")
+    assert info.kind == "vmlinux" and info.entry == 0x1000000  # phys_startup_64
+    mem2 = GuestMemory.allocate(256 << 20, check_available=False)
+    bz = load_linux(mem2, (kernel_dir / "bzImage").read_bytes(), "console=ttyS0")
+    assert (bz.kind, bz.entry, bz.kernel_end) == ("bzImage", info.entry, info.kernel_end)
+    for seg in parse_elf(vmlinux).segments:
+        assert mem2.read(seg.paddr, seg.memsz) == mem.read(seg.paddr, seg.memsz), hex(seg.paddr)
 
 
 def test_flat_image_is_loaded_at_1000_0000(mem: GuestMemory) -> None:

@@ -28,6 +28,7 @@ NOT_AT_START = (
     "cffi",  # the declarations come pre-parsed (kvmm/kvm/_abi.py)
     "ioctl_opt", "ctypes",  # its numbers come cached (kvmm/kvm/_ioctl_numbers.py)
     "kvmm.snapshot", "kvmm.api", "kvmm.tap", "kvmm.hostcheck", "kvmm.loader.elf", "kvmm.loader.bzimage",
+    "kvmm.loader.payload", "lz4", "zstandard", "lzo",  # a bzImage's payload decoders
     "kvmm.virtio.blk", "kvmm.virtio.net", "kvmm.virtio.console", "kvmm.virtio.rng", "kvmm.virtio.pci_legacy",
 )
 

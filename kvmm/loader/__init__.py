@@ -52,21 +52,32 @@ def load_flat(mem: GuestMemory, image: bytes, name: str = "kernel") -> BootInfo:
     return BootInfo("flat", FLAT_LOAD_ADDR, 0, FLAT_LOAD_ADDR + len(image), None)
 
 
-def load_linux(mem: GuestMemory, kernel: bytes, cmdline: str, initrd: bytes | None = None, name: str = "kernel") -> BootInfo:
-    """Load a Linux kernel image for a 64-bit direct boot and build its zero page."""
+def load_linux(mem: GuestMemory, kernel: bytes, cmdline: str, initrd: bytes | None = None, name: str = "kernel",
+               bzimage_decompressor: bool = False) -> BootInfo:
+    """Load a Linux kernel image for a 64-bit direct boot and build its zero page.
+
+    A bzImage's payload is decompressed on the host and its vmlinux loaded like an ELF
+    ``--kernel`` (kvmm/loader/bzimage.py), unless ``bzimage_decompressor`` asks for the
+    kernel's own decompressor (``--kernel-format bzimage``) or kvmm cannot read it. Either
+    way the zero page carries the bzImage's own setup header (boot.rst)."""
     # Imported here: a flat-image start (tests, the start-up benchmark) needs neither parser.
     from .bzimage import is_bzimage, load_bzimage
     from .elf import ELF_MAGIC, load_elf
 
     if kernel[:4] == ELF_MAGIC:
+        if bzimage_decompressor:
+            raise KernelImageError(f"{name}: --kernel-format bzimage, but this is an ELF vmlinux, not a bzImage")
         elf = load_elf(mem, kernel, name)
         kind, entry, kernel_end = "vmlinux", elf.entry, elf.end
         zp = bp.ZeroPage()
     elif is_bzimage(kernel):
-        bz = load_bzimage(mem, kernel, name)
-        kind, entry = "bzImage", bz.entry
-        kernel_end = bz.load_addr + max(len(kernel) - bz.payload_offset, bz.init_size)
-        zp = bp.ZeroPage(bz.setup_header)
+        bz = load_bzimage(mem, kernel, name, host_decompress=not bzimage_decompressor)
+        kind, entry, kernel_end = "bzImage", bz.entry, bz.kernel_end
+        zp = bp.ZeroPage(bz.header.setup_header)
+        if bz.payload_format is not None:
+            # misc.c's extract_kernel clears KASLR_FLAG ("intended for solely in-kernel use")
+            # and sets it only when it randomised the kernel; the host path never does.
+            zp.u8(bp.HDR_LOADFLAGS, zp.get_u8(bp.HDR_LOADFLAGS) & ~bp.KASLR_FLAG)
     else:
         raise KernelImageError(f"{name}: neither an ELF vmlinux nor a bzImage")
     bp.write_cmdline(mem, cmdline, zp.get_u32(bp.HDR_CMDLINE_SIZE) or 255)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import subprocess
 import sys
@@ -79,12 +80,34 @@ def test_panic_is_recognisable_from_exit_status(kernel_dir: Path, tmp_path: Path
     assert "kvmm: error: guest kernel panic: Kernel panic - not syncing" in res.stderr.decode()
 
 
-def test_bzimage_is_entered_at_its_64bit_entry_point(kernel_dir: Path, kvmm_machine) -> None:  # type: ignore[no-untyped-def]
-    # The decompressor runs in KVM's emulator on software-nested hosts (minutes before any
-    # output), so this checks the bzImage path up to and shortly after its entry point.
+def test_bzimage_payload_decompressed_on_the_host_boots_to_init(kernel_dir: Path, busybox_initramfs: Path, kvmm_machine,  # type: ignore[no-untyped-def]
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    # The default for a bzImage: kvmm decompresses its xz payload and enters startup_64
+    # at the physical link address, as for the vmlinux of the same build.
+    caplog.set_level(logging.INFO, "kvmm.loader.bzimage")
+    m = kvmm_machine(kernel=kernel_dir / "bzImage", initrd=busybox_initramfs, mem="512M", stop_at_init=True,
+                     timeout=BOOT_TIMEOUT)
+    assert m.platform.boot.kind == "bzImage" and m.platform.boot.entry == 0x1000000  # phys_startup_64, not the decompressor
+    assert re.search(r"bzImage: xz payload decompressed on the host \(\d+\.\d MiB in [\d.]+ s\), "
+                     r"entering the kernel at 0x1000000", caplog.text), caplog.text
+    result = m.wait(BOOT_TIMEOUT + 30)
+    log = m.console.transcript.decode(errors="replace")
+    assert_in_order(log, MILESTONES)
+    assert "Kernel panic" not in log
+    assert result.outcome is Outcome.INIT_REACHED and result.exit_status == 0, result
+    print(f"\nbzImage boot milestones (s from start) on {m.host.name}: {m.boot_times()}")
+
+
+def test_bzimage_is_entered_at_its_64bit_entry_point(kernel_dir: Path, kvmm_machine,  # type: ignore[no-untyped-def]
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    # --kernel-format bzimage: the kernel's own decompressor. It runs in KVM's emulator on
+    # software-nested hosts (minutes before any output), so this checks the path up to and
+    # shortly after its entry point.
+    caplog.set_level(logging.INFO, "kvmm.loader.bzimage")
     image = kernel_dir / "bzImage"
     hdr = parse_bzimage(image.read_bytes())
-    m = kvmm_machine(kernel=image, mem="256M", timeout=5)
+    m = kvmm_machine(kernel=image, mem="256M", timeout=5, kernel_format="bzimage")
+    assert "bzImage: --kernel-format bzimage: entering its own decompressor at 0x100200" in caplog.text
     assert m.platform.boot.kind == "bzImage" and m.platform.boot.entry == 0x100000 + 0x200
     result = m.wait(60)
     regs = m.platform.vm.vcpus[0].get_regs()
