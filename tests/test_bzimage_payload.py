@@ -350,3 +350,18 @@ def test_kernel_format_bzimage_reaches_the_loader_from_the_command_line(tmp_path
     res = run_kvmm("--kernel", str(elf), "--kernel-format", "bzimage", "--mem", "64M")
     assert res.returncode == 10, res.stderr
     assert "--kernel-format bzimage, but this is an ELF vmlinux, not a bzImage" in res.stderr.decode()
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("kernel_format,entry", [("auto", KERNEL_PADDR + 0x40), ("bzimage", 0x100000 + 0x200)])
+def test_the_vcpu_starts_at_the_chosen_entry_in_64bit_mode(kernel_format: str, entry: int, payloads: dict[str, bytes],
+                                                           tmp_path: Path, kvmm_machine) -> None:  # type: ignore[no-untyped-def]
+    # boot.rst, 64-bit boot protocol: long mode, paging on, rsi = boot_params, rip = the
+    # vmlinux's startup_64 (auto) or the bzImage's 64-bit entry, 0x200 into the
+    # protected-mode kernel (bzimage). Not run: only the plumbing from the option on.
+    image = tmp_path / "bzImage"
+    image.write_bytes(wrap_payload(payloads["xz"]))
+    m = kvmm_machine(kernel=image, mem="64M", kernel_format=kernel_format, launch=False)
+    regs, sregs = m.vm.vcpus[0].get_regs(), m.vm.vcpus[0].get_sregs()
+    assert (m.boot.kind, m.boot.entry, regs.rip, regs.rsi) == ("bzImage", entry, entry, bp.BOOT_PARAMS_ADDR)
+    assert sregs.efer & (1 << 10) and sregs.cr0 & (1 << 31) and sregs.cs.l == 1  # LMA, PG, 64-bit code
