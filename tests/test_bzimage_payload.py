@@ -365,3 +365,9 @@ def test_the_vcpu_starts_at_the_chosen_entry_in_64bit_mode(kernel_format: str, e
     regs, sregs = m.vm.vcpus[0].get_regs(), m.vm.vcpus[0].get_sregs()
     assert (m.boot.kind, m.boot.entry, regs.rip, regs.rsi) == ("bzImage", entry, entry, bp.BOOT_PARAMS_ADDR)
     assert sregs.efer & (1 << 10) and sregs.cr0 & (1 << 31) and sregs.cs.l == 1  # LMA, PG, 64-bit code
+
+
+def test_unknown_kernel_format_is_a_usage_error(tmp_path: Path) -> None:
+    res = run_kvmm("--kernel", str(tmp_path / "k"), "--kernel-format", "zimage")
+    assert res.returncode == 2
+    assert "invalid choice: 'zimage' (choose from 'auto', 'bzimage', 'flat')" in res.stderr.decode()
