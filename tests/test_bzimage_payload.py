@@ -362,8 +362,8 @@ def test_the_vcpu_starts_at_the_chosen_entry_in_64bit_mode(kernel_format: str, e
     image = tmp_path / "bzImage"
     image.write_bytes(wrap_payload(payloads["xz"]))
     m = kvmm_machine(kernel=image, mem="64M", kernel_format=kernel_format, launch=False)
-    regs, sregs = m.vm.vcpus[0].get_regs(), m.vm.vcpus[0].get_sregs()
-    assert (m.boot.kind, m.boot.entry, regs.rip, regs.rsi) == ("bzImage", entry, entry, bp.BOOT_PARAMS_ADDR)
+    regs, sregs = m.platform.vm.vcpus[0].get_regs(), m.platform.vm.vcpus[0].get_sregs()
+    assert (m.platform.boot.kind, m.platform.boot.entry, regs.rip, regs.rsi) == ("bzImage", entry, entry, bp.BOOT_PARAMS_ADDR)
     assert sregs.efer & (1 << 10) and sregs.cr0 & (1 << 31) and sregs.cs.l == 1  # LMA, PG, 64-bit code
 
 
