@@ -57,6 +57,7 @@ VIRTIO_DEVICES: tuple[tuple[str, Callable[[VmConfig], bool]], ...] = (
     ("kvmm.virtio.net", lambda cfg: bool(cfg.nets)),
     ("kvmm.virtio.console", lambda cfg: cfg.console_device == "virtio"),
     ("kvmm.virtio.rng", lambda cfg: cfg.rng),
+    ("kvmm.virtio.p9", lambda cfg: bool(cfg.shares)),
 )
 
 

@@ -92,6 +92,45 @@ def parse_mac(text: str) -> bytes:
     return mac
 
 
+SHARE_TAG_MAX = 64  # bytes of a 9p mount tag (kvmm's bound; Linux matches the tag with strcmp)
+_TAG_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+class ShareConfig(NamedTuple):
+    """A host directory shared with the guest over virtio-9p (``--share PATH,tag=NAME[,ro|rw]``),
+    read-only unless ``rw``; the guest mounts it with ``mount -t 9p -o trans=virtio NAME DIR``."""
+
+    path: str
+    tag: str
+    read_only: bool = True
+
+    @classmethod
+    def parse(cls, spec: str) -> ShareConfig:
+        """``PATH,tag=NAME[,ro|rw]`` as given to --share."""
+        path, *opts = spec.split(",")
+        tag, read_only = None, True
+        for opt in opts:
+            if opt in ("ro", "rw"):
+                read_only = opt == "ro"
+            elif opt.startswith("tag="):
+                tag = opt[len("tag="):]
+            else:
+                raise ConfigError(f"unknown --share option {opt!r} in {spec!r}: expected tag=NAME, ro or rw")
+        if not path:
+            raise ConfigError(f"--share {spec!r} names no directory")
+        if tag is None:
+            raise ConfigError(f"--share {spec!r} names no tag (tag=NAME: the guest mounts the share by it)")
+        return cls(path, check_share_tag(tag), read_only)
+
+
+def check_share_tag(tag: str) -> str:
+    """A mount tag as kvmm accepts it: 1-64 letters, digits, '.', '_' or '-' (it is the
+    device name of the guest's mount, and root= of a 9p root)."""
+    if not tag or len(tag) > SHARE_TAG_MAX or not set(tag) <= _TAG_CHARS:
+        raise ConfigError(f"invalid share tag {tag!r}: 1-{SHARE_TAG_MAX} letters, digits, '.', '_' or '-'")
+    return tag
+
+
 def default_mac(seed: str) -> bytes:
     """A stable, locally administered unicast MAC in QEMU's 52:54:00 range."""
     import hashlib
@@ -134,9 +173,11 @@ def config_from_options(kernel: str, *, initrd: str | None = None, cmdline: str 
                         cpus: int = 1, disks: list[str | DiskConfig] | None = None, nets: list[str | NetConfig] | None = None,
                         console: str = "serial", console_file: str | None = None, hugepages: bool = False,
                         stop_at_init: bool | None = None, rng: bool = True, msix: bool = True, exitless: bool = True,
-                        stdin: bool = False, api_socket: str | None = None, kernel_format: str = "auto") -> "VmConfig":
+                        stdin: bool = False, api_socket: str | None = None, kernel_format: str = "auto",
+                        shares: list[str | ShareConfig] | None = None) -> "VmConfig":
     """A :class:`VmConfig` from the command line's options as keyword arguments:
-    ``mem="256M"``, ``disks=["root.img", "data.img,ro"]``, ``nets=["tap=tap0"]``..."""
+    ``mem="256M"``, ``disks=["root.img", "data.img,ro"]``, ``nets=["tap=tap0"]``,
+    ``shares=["/srv/data,tag=data"]``..."""
     from .memory import parse_size
 
     return VmConfig(
@@ -146,6 +187,7 @@ def config_from_options(kernel: str, *, initrd: str | None = None, cmdline: str 
         disks=[d if isinstance(d, DiskConfig) else DiskConfig.parse(str(d)) for d in disks or []],
         nets=[n if isinstance(n, NetConfig) else NetConfig.parse(n) for n in nets or []],
         rng=rng, msix=msix, exitless=exitless, api_socket=api_socket, kernel_format=kernel_format,
+        shares=[sh if isinstance(sh, ShareConfig) else ShareConfig.parse(str(sh)) for sh in shares or []],
     )
 
 
@@ -173,3 +215,4 @@ class VmConfig:
     default_cmdline: tuple[str, ...] = DEFAULT_CMDLINE
     api_socket: str | None = None  # a control socket (kvmm.api) at this path
     kernel_format: str = "auto"  # one of kvmm.defaults.KERNEL_FORMATS: "auto", "bzimage" or "flat"
+    shares: list[ShareConfig] = field(default_factory=list)  # virtio-9p host directories

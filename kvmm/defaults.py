@@ -36,7 +36,7 @@ EXIT_STATUSES = (
     ("6", "`kvmm smoke` only: the guest powered off or reset without printing the expected line"),
     ("10", "the kernel or initrd is missing, unreadable or not a bootable image (a bzImage payload that is "
             "truncated, corrupt or too large included)"),
-    ("11", "a disk is missing, unreadable, not writable (use `,ro`) or in use by another process"),
+    ("11", "a disk or `--share` directory is missing, unreadable, not writable (use `,ro`) or in use by another process"),
     ("12", "guest memory cannot be provided (more than available, no hugepages reserved)"),
     ("13", "`/dev/kvm` is missing or not accessible"),
     ("14", "a `--net` backend cannot be set up (no `/dev/net/tun`, no permission, tap busy)"),

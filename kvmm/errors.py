@@ -10,6 +10,7 @@
     ├── MemoryConfigError          more memory than the host has, no hugepages      12
     ├── KernelImageError           missing, unreadable or malformed kernel/initrd   10
     ├── DiskError                  missing, unreadable, locked or read-only disk    11
+    ├── ShareError                 a --share directory missing or not shareable      11
     ├── NetError (kvmm.tap)        tap cannot be opened or attached                 14
     ├── SnapshotError              a snapshot is corrupt, truncated or mismatched   15
     └── ConsoleTimeout             expected console output did not appear            5
@@ -81,6 +82,13 @@ class KernelImageError(KvmmError):
 
 class DiskError(KvmmError):
     """A disk image cannot be opened as requested."""
+
+    exit_status = EXIT_DISK
+
+
+class ShareError(KvmmError):
+    """A host directory cannot be shared (``--share``): missing, not a directory, or on
+    a host pseudo file system."""
 
     exit_status = EXIT_DISK
 
