@@ -35,6 +35,11 @@ from kvmm.virtio import console as C  # noqa: E402
 from kvmm.virtio import net as N  # noqa: E402
 from kvmm.virtio import pci_legacy as L  # noqa: E402
 from kvmm.virtio import rng as R  # noqa: E402
+from kvmm.p9 import wire as W9  # noqa: E402
+from kvmm.p9.server import FileServer  # noqa: E402
+from kvmm.virtio import p9 as P9  # noqa: E402
+from kvmm.virtio.chain_io import Reader as ChainReader, Writer as ChainWriter  # noqa: E402
+from kvmm.virtio.queue import Descriptor, VIRTQ_DESC_F_WRITE  # noqa: E402
 
 logging.disable(logging.WARNING)  # hostile input is expected here: keep the fuzzer's output readable
 MEM_SIZE = 2 << 20
@@ -93,10 +98,32 @@ def _devices() -> dict[str, object]:
     }
 
 
-def _virtio(kind: str, data: bytes) -> None:
+_share = os.path.join(_tmp, "share")
+
+
+def _share_tree() -> str:
+    """A small shared directory, made afresh (a read-write fuzz run changes it)."""
+    import shutil
+
+    if os.path.isdir(_share):
+        for entry in os.listdir(_share):
+            path = os.path.join(_share, entry)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
+    os.makedirs(os.path.join(_share, "dir", "sub"), exist_ok=True)
+    with open(os.path.join(_share, "file"), "wb") as f:
+        f.write(bytes(range(256)) * 16)
+    os.symlink("file", os.path.join(_share, "link"))
+    os.symlink("..", os.path.join(_share, "dir", "up"))
+    return _share
+
+
+def _virtio(kind: str, data: bytes, dev: object | None = None) -> None:
     """Driver registers + ring memory + kicks, all from the fuzz input."""
     r = _Reader(data)
-    dev = _devices()[kind]
+    dev = _devices()[kind] if dev is None else dev
     t = L.VirtioPciLegacy(dev, _mem, LineInterrupt(lambda level: None), MsiCallbacks() if r.take(1) & 1 else None)  # type: ignore[arg-type]
     # A plausible start (most inputs then reach the queue code): features, rings, DRIVER_OK.
     t.pio_write(L.STATUS, 1, 3)
@@ -150,6 +177,55 @@ def fuzz_virtio_console(data: bytes) -> None:
 
 def fuzz_virtio_rng(data: bytes) -> None:
     _virtio("rng", data)
+
+
+def fuzz_virtio_9p(data: bytes) -> None:
+    """virtio-9p's queue: rings, descriptors and messages all from the fuzz input, on a
+    read-write share (the first byte's low bit: read-only)."""
+    server = FileServer(_share_tree(), read_only=bool(data[:1]) and bool(data[0] & 1), name="fuzz")
+    dev = P9.Virtio9p(server, _mem, "fuzz")
+    try:
+        _virtio("9p", data[1:], dev)
+    finally:
+        dev.close()
+
+
+_MSG_AREA, _REPLY_AREA = 0x100000, 0x140000
+
+
+def fuzz_p9_messages(data: bytes) -> None:
+    """9P messages straight into the server after a valid Tversion and Tattach (fid 0):
+    each is ``length[2]`` then that many bytes (the whole message, header included),
+    with a reply room of ``room[2]`` bytes. The first byte: bit 0 read-only, bit 1 the
+    reply in two buffers (Linux's zero-copy layout)."""
+    r = _Reader(data)
+    mode = r.take(1)
+    server = FileServer(_share_tree(), read_only=bool(mode & 1), name="fuzz")
+    try:
+        preamble = [W9.encode(W9.TVERSION, W9.NOTAG, "ds", 65536, W9.VERSION),
+                    W9.encode(W9.TATTACH, 1, "ddssd", 0, W9.NOFID, b"u", b"", 0)]
+        messages = preamble
+        while r.left > 0 and len(messages) < 64:
+            n = r.take(2) % 4096
+            room = r.take(2) % 70000
+            messages.append((n, room, r.rest()[:n]))  # type: ignore[arg-type]
+            r.pos += n
+        for item in messages:
+            if isinstance(item, bytes):
+                msg, room = item, 8192
+            else:
+                _n, room, msg = item  # type: ignore[misc]
+            _mem.write(_MSG_AREA, msg)
+            readable = [Descriptor(_MSG_AREA, len(msg), 0, 0)]
+            if mode & 2 and room > 11:
+                writable = [Descriptor(_REPLY_AREA, 11, VIRTQ_DESC_F_WRITE, 0),
+                            Descriptor(_REPLY_AREA + 4096, room - 11, VIRTQ_DESC_F_WRITE, 0)]
+            else:
+                writable = [Descriptor(_REPLY_AREA, room, VIRTQ_DESC_F_WRITE, 0)]
+            written = server.serve(ChainReader(_mem, readable, 1 << 20), ChainWriter(_mem, writable, 1 << 20))
+            assert 0 <= written <= room
+    finally:
+        server.close()
 
 
 def fuzz_pci_config(data: bytes) -> None:
