@@ -55,7 +55,7 @@ LOG = logging.getLogger(__name__)
 VIRTIO_DEVICES: tuple[tuple[str, Callable[[VmConfig], bool]], ...] = (
     ("kvmm.virtio.blk", lambda cfg: bool(cfg.disks)),
     ("kvmm.virtio.net", lambda cfg: bool(cfg.nets)),
-    ("kvmm.virtio.console", lambda cfg: cfg.console_device == "virtio"),
+    ("kvmm.virtio.console", lambda cfg: cfg.console_device == "virtio" or bool(cfg.ports)),
     ("kvmm.virtio.rng", lambda cfg: cfg.rng),
     ("kvmm.virtio.p9", lambda cfg: bool(cfg.shares)),
 )

@@ -178,6 +178,9 @@ def build_parser(prog: str = "kvmm", smoke: bool = False) -> argparse.ArgumentPa
                    help="raw disk image as a virtio-blk disk (vda, vdb, ... in order); repeatable")
     p.add_argument("--net", action="append", default=[], metavar="tap=NAME[,mac=MAC]",
                    help="virtio-net on a TAP interface (existing, or created with CAP_NET_ADMIN); repeatable")
+    p.add_argument("--share", action="append", default=[], metavar="PATH,tag=NAME[,ro|rw]",
+                   help="share a host directory over virtio-9p, read-only unless rw (in the guest: "
+                   "mount -t 9p -o trans=virtio NAME DIR); repeatable")
     p.add_argument("--cmdline", default="", metavar="STR", help="extra kernel command-line parameters")
     p.add_argument("--mem", metavar="SIZE", help="guest RAM, e.g. 256M or 2G (default: 512M)")
     p.add_argument("--cpus", type=int, metavar="N", help="number of vCPUs (default: 1)")
@@ -266,6 +269,69 @@ def ctl_main(argv: list[str]) -> int:
     return 0 if response.get("ok") else 1
 
 
+RUN_EPILOG = """\
+The guest's root is the host's / (or --root DIR), read-only over virtio-9p, with a tmpfs
+over /tmp, /var/tmp and /var/log; the current directory is where it is (read-only
+unless under a --rw DIR). The command's stdout and stderr are kvmm's; its stdin is
+kvmm's when that is a terminal, else /dev/null. kvmm exits with the command's status.
+
+kvmm's own exit statuses (a 'kvmm: error:' line says which): 3 the guest kernel
+panicked, 5 --timeout passed, 17 the command did not run to its end (guest user space
+cannot run on this host: the boot ends at init), others as for kvmm (kvmm --help).
+
+examples:
+  kvmm run -- uname -a
+  kvmm run --rw . -- make test
+  kvmm run --kernel bzImage --mem 1G -- sh -c 'echo hi; exit 3'
+"""
+
+
+def run_main(argv: list[str]) -> int:
+    """``kvmm run [OPTIONS] -- CMD [ARGS...]``: a command in a guest booted on the host's files."""
+    p = argparse.ArgumentParser(prog="kvmm run", formatter_class=_HelpFormatter, epilog=RUN_EPILOG,
+                                description="Run a command in a VM whose root file system is the host's own files "
+                                "(read-only, over virtio-9p); exit with its status.")
+    p.add_argument("--kernel", metavar="PATH", help="kernel image (default: $KVMM_KERNEL, else the project kernel "
+                   "from kernels/build.sh's cache); it needs virtio-pci, 9p and a virtio console")
+    p.add_argument("--root", default="/", metavar="DIR", help="the guest's root file system (default: /)")
+    p.add_argument("--rw", action="append", default=[], metavar="DIR",
+                   help="make DIR writable in the guest (shared read-write at its path); repeatable")
+    p.add_argument("--share", action="append", default=[], metavar="PATH,tag=NAME[,ro|rw]",
+                   help="share another directory, mounted at its host path (read-only unless rw); repeatable")
+    p.add_argument("--mem", default="512M", metavar="SIZE", help="guest RAM (default: 512M)")
+    p.add_argument("--cpus", type=int, default=1, metavar="N", help="number of vCPUs (default: 1)")
+    p.add_argument("--timeout", type=float, metavar="SECONDS", help="end the VM (exit status 5) after SECONDS")
+    p.add_argument("--console-log", metavar="PATH", help="keep the kernel's console output in PATH")
+    p.add_argument("--stats", action="store_true", help="print the exits to kvmm and device counters at the end")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="log what kvmm does (-v -v: debugging detail)")
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]", help="the command and its arguments")
+    args = p.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        p.error("the command is missing: kvmm run [OPTIONS] -- CMD [ARGS...]")
+    level = logging.DEBUG if args.verbose > 1 else logging.INFO if args.verbose else logging.WARNING
+    logging.basicConfig(level=level, format="kvmm: %(message)s", stream=sys.stderr)
+    try:
+        from .config import ShareConfig
+        from .run import run_command
+
+        result = run_command(command, kernel=args.kernel, root=args.root, rw=args.rw,
+                             shares=[ShareConfig.parse(spec) for spec in args.share], mem=args.mem, cpus=args.cpus,
+                             timeout=args.timeout, capture=False, stdin=os.isatty(0),
+                             console_path=args.console_log)
+    except KvmmError as exc:
+        print(f"kvmm: error: {exc}", file=sys.stderr)
+        return exc.exit_status
+    if args.stats:
+        print("kvmm: exits: " + ", ".join(f"{k}={v}" for k, v in sorted(result.counters.items())), file=sys.stderr)
+    if result.status is None:
+        tail = "" if result.vm.outcome.value == "init-reached" else f"; the kernel's last lines:\n{result.console}"
+        print(f"kvmm: error: {result.message}{tail}", file=sys.stderr)
+    else:
+        LOG.info("%s", result.message)
+    return result.exit_status
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "ctl":
@@ -274,13 +340,16 @@ def main(argv: list[str] | None = None) -> int:
         from .hostcheck import main as host_main
 
         return host_main(argv[1:])
+    if argv and argv[0] == "run":
+        return run_main(argv[1:])
     smoke = bool(argv) and argv[0] == "smoke"
     parser = build_parser("kvmm smoke" if smoke else "kvmm", smoke)
     args = parser.parse_args(argv[1:] if smoke else argv)
     restore = getattr(args, "restore", None)
     if restore:
         given = [opt for opt, value in (("--kernel", args.kernel), ("--initrd", args.initrd), ("--net", args.net),
-                 ("--cmdline", args.cmdline), ("--mem", args.mem), ("--cpus", args.cpus)) if value or value == 0]
+                 ("--cmdline", args.cmdline), ("--mem", args.mem), ("--cpus", args.cpus), ("--share", args.share))
+                 if value or value == 0]
         if given:
             parser.error(f"--restore takes the VM's configuration from the snapshot: drop {', '.join(given)}")
         if any("," in spec for spec in args.disk):
@@ -340,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _config(args: argparse.Namespace, smoke: bool, mem_size: int) -> VmConfig:
-    from .config import DiskConfig, NetConfig, VmConfig
+    from .config import DiskConfig, NetConfig, ShareConfig, VmConfig
 
     return VmConfig(
         kernel=args.kernel,
@@ -355,6 +424,7 @@ def _config(args: argparse.Namespace, smoke: bool, mem_size: int) -> VmConfig:
         stop_at_init=args.stop_at_init if not smoke or args.stop_at_init is not None else False,
         disks=[DiskConfig.parse(spec) for spec in args.disk],
         nets=[NetConfig.parse(spec) for spec in args.net],
+        shares=[ShareConfig.parse(spec) for spec in args.share],
         exitless=args.exitless,
         msix=args.msix,
         api_socket=args.api_sock,

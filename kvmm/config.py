@@ -131,6 +131,17 @@ def check_share_tag(tag: str) -> str:
     return tag
 
 
+class PortConfig(NamedTuple):
+    """A virtio-console device beside the primary console, its guest output written to a
+    host file (``path``) or an open descriptor (``fd``; kvmm run's stdout and stderr).
+    Linux numbers these consoles hvc0, hvc1, ... after the primary's (if it is virtio).
+    ``input``: the port takes kvmm's stdin instead of the primary console."""
+
+    path: str | None = None
+    fd: int | None = None
+    input: bool = False
+
+
 def default_mac(seed: str) -> bytes:
     """A stable, locally administered unicast MAC in QEMU's 52:54:00 range."""
     import hashlib
@@ -216,3 +227,4 @@ class VmConfig:
     api_socket: str | None = None  # a control socket (kvmm.api) at this path
     kernel_format: str = "auto"  # one of kvmm.defaults.KERNEL_FORMATS: "auto", "bzimage" or "flat"
     shares: list[ShareConfig] = field(default_factory=list)  # virtio-9p host directories
+    ports: list[PortConfig] = field(default_factory=list)  # virtio-console output ports (kvmm run)

@@ -20,6 +20,7 @@ EXIT_KVM_UNAVAILABLE = 13
 EXIT_NET = 14
 EXIT_SNAPSHOT = 15
 EXIT_CTL_UNREACHABLE = 16
+EXIT_RUN_NOT_RUN = 17
 EXIT_DEBUG_BASE = 64
 
 # The one table of them: `kvmm --help` prints it, the README's "Exit status" table is it
@@ -42,6 +43,8 @@ EXIT_STATUSES = (
     ("14", "a `--net` backend cannot be set up (no `/dev/net/tun`, no permission, tap busy)"),
     ("15", "`--restore`: the snapshot is damaged, truncated, from another kvmm version, or its disks changed since"),
     ("16", "`kvmm ctl`: the control socket cannot be reached"),
+    ("17", "`kvmm run`: the command did not run to its end (guest user space cannot run on this host, so the boot "
+           "ended at init; or the guest ended without reporting the command's exit status)"),
     (f"{EXIT_DEBUG_BASE} + v", "the guest wrote `v` (0-63) to the debug-exit port 0x501"),
     ("130, 143", "interrupted by SIGINT or SIGTERM (or `Ctrl-A x`)"),
 )

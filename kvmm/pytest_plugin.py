@@ -1,5 +1,7 @@
 """pytest plugin: VMs as fixtures (registered through the ``pytest11`` entry point).
 
+- ``kvmm_run``: ``kvmm_run(["sh", "-c", "..."])`` runs a command in a VM booted on the
+  host's own files (``kvmm run``) and returns its :class:`kvmm.run.RunResult`.
 - ``kvmm_machine``: a factory; ``kvmm_machine(kernel=..., disks=[...], ...)`` takes the
   command line's options as keywords, launches the VM in the background and returns the
   :class:`kvmm.Machine`. Every VM is stopped and closed when the test ends; its console
@@ -84,6 +86,29 @@ def kvmm_machine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cal
         m.close()
 
 
+@pytest.fixture
+def kvmm_run(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[..., Any]:
+    """``kvmm_run(["make", "test"], rw=["."], timeout=600)``: the command run in a VM
+    booted on the host's own files (``kvmm run``); a :class:`kvmm.run.RunResult` with
+    ``.status``, ``.stdout``, ``.stderr``. The kernel: ``kernel=`` or --kvmm-kernel
+    (else kvmm run's default). The kernel's console log is kept in the test's tmp_path
+    and attached to the report of a failing test."""
+    from .run import run_command
+
+    logs: list[Path] = []
+
+    def run(command: list[str], **options: Any) -> Any:
+        if "kernel" not in options and request.config.option.kvmm_kernel:
+            options["kernel"] = request.config.option.kvmm_kernel
+        log = tmp_path / f"run-console-{len(logs)}.log"
+        options.setdefault("console_path", str(log))
+        logs.append(Path(options["console_path"]))
+        return run_command(command, **options)
+
+    request.node._kvmm_run_logs = logs
+    return run
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:  # type: ignore[type-arg]
     """Attach every VM's console log to the report of a failing test."""
@@ -95,3 +120,6 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
                 m.console.flush()
             if log.exists():
                 report.sections.append((f"kvmm console {i} ({log})", log.read_text(errors="replace")[-20000:]))
+        for i, log in enumerate(getattr(item, "_kvmm_run_logs", [])):
+            if log.exists():
+                report.sections.append((f"kvmm run console {i} ({log})", log.read_text(errors="replace")[-20000:]))

@@ -153,6 +153,15 @@ class Machine:
         machine._restore_started = started
         return machine
 
+    @staticmethod
+    def run_command(command: list[str], **options: Any) -> Any:
+        """Run ``command`` in a VM booted on the host's own files (``kvmm run``): a
+        :class:`kvmm.run.RunResult` with its exit status and output. The options are
+        :func:`kvmm.run.run_command`'s (kernel, root, rw, shares, mem, timeout...)."""
+        from .run import run_command
+
+        return run_command(command, **options)
+
     # --- what the machine's parts know -----------------------------------------------------
     @property
     def restored_from(self) -> str | None:

@@ -228,3 +228,42 @@ def test_every_error_class_exits_with_a_documented_status() -> None:
     assert len(classes) >= 9
     for cls in classes:
         assert cls.exit_status in documented, cls
+
+
+# --- --share ----------------------------------------------------------------------------------
+def test_share_adds_a_virtio_9p_device(tmp_path: Path, guests) -> None:  # type: ignore[no-untyped-def]
+    res = run_kvmm("-q", "--stats", "--kernel", str(guests("serial_hello")), "--share", f"{tmp_path},tag=data")
+    assert res.returncode == 64 + 42, res.stderr.decode()
+    assert b"9p0_fids=0" in res.stderr and b"9p0_requests=0" in res.stderr
+
+
+@pytest.mark.parametrize("spec", ["{d}", "{d},tag=", "{d},tag=a b", "{d},tag=x,bogus", ",tag=x", "{d},tag=" + "t" * 65])
+def test_bad_share_option(spec: str, tmp_path: Path, guests) -> None:  # type: ignore[no-untyped-def]
+    res = run_kvmm("--kernel", str(guests("serial_hello")), "--share", spec.format(d=tmp_path))
+    assert res.returncode == 2, res.stderr.decode()
+    assert len(error_lines(res)) == 1 and error_lines(res)[0].startswith("kvmm: error:")
+
+
+def test_two_shares_with_one_tag(tmp_path: Path, guests) -> None:  # type: ignore[no-untyped-def]
+    res = run_kvmm("--kernel", str(guests("serial_hello")), "--share", f"{tmp_path},tag=x", "--share", f"{tmp_path},tag=x")
+    assert res.returncode == 2 and error_lines(res) == ["kvmm: error: two shares have the same tag (x)"]
+
+
+def test_missing_share_directory(tmp_path: Path, guests) -> None:  # type: ignore[no-untyped-def]
+    res = run_kvmm("--kernel", str(guests("serial_hello")), "--share", f"{tmp_path / 'nope'},tag=x")
+    assert res.returncode == 11 and error_lines(res) == [f"kvmm: error: share {str(tmp_path / 'nope')!r} does not exist"]
+
+
+def test_share_of_a_host_pseudo_file_system(guests) -> None:  # type: ignore[no-untyped-def]
+    res = run_kvmm("--kernel", str(guests("serial_hello")), "--share", "/sys,tag=x")
+    assert res.returncode == 11 and "sysfs" in error_lines(res)[0]
+
+
+def test_run_without_a_command() -> None:
+    res = run_kvmm("run", "--kernel", "vmlinux", "--")
+    assert res.returncode == 2 and b"the command is missing" in res.stderr
+
+
+def test_run_with_a_missing_rw_directory(tmp_path: Path, guests) -> None:  # type: ignore[no-untyped-def]
+    res = run_kvmm("run", "--kernel", str(guests("serial_hello")), "--rw", str(tmp_path / "nope"), "--", "true")
+    assert res.returncode == 11 and error_lines(res) == [f"kvmm: error: --rw {str(tmp_path / 'nope')!r} does not exist"]

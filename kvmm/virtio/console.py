@@ -1,4 +1,6 @@
-"""virtio-console, port 0 only (virtio 0.9.5 "Appendix E: Console Device", no MULTIPORT).
+"""virtio-console, port 0 only (virtio 0.9.5 "Appendix E: Console Device", no MULTIPORT):
+the primary console (hvc0 with ``--console virtio``), and output ports (``VmConfig.ports``:
+``kvmm run`` gives the command's stdout and stderr one each).
 
 Queue 0 (receiveq) carries host input to the guest: the driver posts device-writable
 buffers and kvmm fills them as input arrives. Queue 1 (transmitq) carries the guest's
@@ -10,16 +12,19 @@ kvmm stops reading its input.
 from __future__ import annotations
 
 import logging
+import os
+import select
 import threading
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ..errors import SnapshotError
+from ..config import PortConfig
+from ..errors import ConfigError, SnapshotError
 from ..memory import GuestMemory
 from ..state import from_json, to_json
 from .chain_io import Reader, Writer
-from .device import VIRTIO_ID_CONSOLE, DeviceBase, DeviceContext, Interrupt, VirtioDevice, serve_queue
+from .device import VIRTIO_ID_CONSOLE, DeviceBase, DeviceContext, Interrupt, VirtioDevice, create_each, serve_queue
 from .queue import Chain, Queue
 
 LOG = logging.getLogger(__name__)
@@ -39,12 +44,63 @@ class VirtioConsoleState:
 
 
 def create(ctx: DeviceContext) -> list[VirtioDevice]:
-    """The primary console (output and input), when the configuration asks for hvc0."""
-    if ctx.config.console_device != "virtio":
-        return []
-    device = VirtioConsole(ctx.mem, ctx.console.write)
-    ctx.claim_console(device)
-    return [device]
+    """The primary console (output and input), when the configuration asks for hvc0;
+    then a device per output port (``VmConfig.ports``)."""
+    devices: list[VirtioDevice] = []
+    if ctx.config.console_device == "virtio":
+        device = VirtioConsole(ctx.mem, ctx.console.write)
+        ctx.claim_console(device)
+        devices.append(device)
+
+    def make_port(i: int, port: PortConfig) -> VirtioDevice:
+        sink = PortSink(port)
+        con = VirtioConsole(ctx.mem, sink.write, f"port{i}", sink.close)
+        if port.input:
+            ctx.claim_console(con)
+        return con
+
+    try:
+        devices += create_each(ctx.config.ports, make_port)
+    except BaseException:
+        for made in devices:
+            made.close()
+        raise
+    return devices
+
+
+class PortSink:
+    """Where an output port's bytes go: a file kvmm opens, or a descriptor it was given
+    (written with blocking writes on the I/O thread: a reader that does not keep up
+    slows the guest's output, it does not lose it)."""
+
+    def __init__(self, port: PortConfig) -> None:
+        self.own = port.path is not None
+        if port.path is not None:
+            try:
+                self.fd = os.open(port.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            except OSError as exc:
+                raise ConfigError(f"cannot open console port file {port.path!r}: {exc.strerror}") from None
+        elif port.fd is not None:
+            self.fd = port.fd
+        else:
+            raise ConfigError("a console port needs a file or a descriptor")
+        self.broken = False
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view and not self.broken:
+            try:
+                view = view[os.write(self.fd, view):]
+            except BlockingIOError:
+                select.select([], [self.fd], [], 1.0)
+            except OSError as exc:  # a closed pipe: the rest of the output has nowhere to go
+                LOG.warning("console port output failed: %s", exc.strerror)
+                self.broken = True
+
+    def close(self) -> None:
+        if self.own and self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class VirtioConsole(DeviceBase):
@@ -53,10 +109,13 @@ class VirtioConsole(DeviceBase):
     pci_class_code = 0x078000
     name = "virtio_console"
 
-    def __init__(self, mem: GuestMemory, sink: Callable[[bytes], None]) -> None:
+    def __init__(self, mem: GuestMemory, sink: Callable[[bytes], None], name: str = "virtio_console",
+                 closer: Callable[[], None] | None = None) -> None:
         super().__init__()
         self.mem = mem
         self.sink = sink
+        self.name = name
+        self.closer = closer
         self.backlog: deque[int] = deque()
         self.lock = threading.Lock()
         self.bytes_out = 0
@@ -108,6 +167,11 @@ class VirtioConsole(DeviceBase):
 
     def counters(self) -> dict[str, int]:
         return {"bytes_out": self.bytes_out, "bytes_in": self.bytes_in}
+
+    def close(self) -> None:
+        if self.closer is not None:
+            self.closer()
+            self.closer = None
 
     def _deliver(self) -> None:
         """Move backlog into the guest's receive buffers, one chain per batch of input."""

@@ -28,7 +28,7 @@ import struct
 from typing import Any
 
 from ..config import ShareConfig
-from ..errors import ShareError, SnapshotError
+from ..errors import ConfigError, ShareError, SnapshotError
 from ..memory import GuestMemory
 from ..p9.server import FileServer, Limits, P9Error
 from ..ratelimit import RateLimitedLog
@@ -48,7 +48,7 @@ def create(ctx: DeviceContext) -> list[VirtioDevice]:
     """A virtio-9p device per ``--share``, in order."""
     tags = [share.tag for share in ctx.config.shares]
     if len(set(tags)) != len(tags):
-        raise ShareError(f"two shares have the same tag ({', '.join(sorted(t for t in tags if tags.count(t) > 1))})")
+        raise ConfigError(f"two shares have the same tag ({', '.join(sorted({t for t in tags if tags.count(t) > 1}))})")
     _raise_fd_limit(len(tags) * LIMITS.max_fids)
     return create_each(ctx.config.shares, lambda i, share: Virtio9p(open_share(share, f"9p{i}"), ctx.mem, share.tag, f"9p{i}"))
 
