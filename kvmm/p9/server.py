@@ -557,8 +557,10 @@ class FileServer:
                 raise P9Error(errno.EBADF if not fid.opened else errno.ENOTDIR, "readdir of a fid not an open directory")
             count = min(req.nbytes, self._io_room(writer))
             out = bytearray()
-            if fid.open_fd >= 0 and req.offset <= _OFF_MAX:  # an opaque mount point lists nothing
-                for entry in hostfs.getdents(fid.open_fd, req.offset, count):
+            if fid.open_fd >= 0:  # an opaque mount point lists nothing
+                # The offset is an entry's d_off given back (a signed 64-bit cookie).
+                offset = req.offset - (1 << 64) if req.offset > _OFF_MAX else req.offset
+                for entry in hostfs.getdents(fid.open_fd, offset, count):
                     size = W.DIRENT_FIXED + len(entry.name)
                     if len(out) + size > count:
                         break
