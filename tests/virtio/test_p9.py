@@ -671,3 +671,17 @@ def test_twrite_count_larger_than_its_message_is_einval(rw: P9Client, tree: Path
     reply = rw.raw(message)
     assert struct.unpack_from("<BHI", reply, 4) == (W.RLERROR, 4, errno.EINVAL)
     assert (tree / "file.txt").read_bytes() == b"hello, 9p\n"
+
+
+def test_one_turn_serves_at_most_budget_requests(ro: P9Client) -> None:
+    # Other devices get the I/O thread after BUDGET requests; the rest waits for a later turn.
+    message = W.encode(W.TGETATTR, 9, "dq", 0, W.STATS_BASIC)
+    ro.mem.write(0x200000, message)
+    heads = []
+    for i in range(P.BUDGET * 2 + 5):
+        heads.append(ro.q.build_chain([(0x200000, len(message), False), (0x400000 + 4096 * i, 4096, True)]))
+    ro.q.publish(*heads)
+    assert ro.device.process_queue(0) is True
+    assert len(ro.q.take_used()) == P.BUDGET
+    assert ro.device.process_queue(0) is True and ro.device.process_queue(0) is False
+    assert len(ro.q.take_used()) == P.BUDGET + 5
