@@ -36,6 +36,7 @@ from .config import Outcome, PortConfig, ShareConfig, VmConfig, VmResult
 from .defaults import EXIT_PANIC, EXIT_RUN_NOT_RUN, EXIT_TIMEOUT, EXIT_VCPU_ERROR, EXIT_VMM_ERROR
 from .errors import ConfigError, KernelImageError, ShareError
 from .host import HostKind
+from .watch import init_reached
 
 LOG = logging.getLogger(__name__)
 
@@ -244,6 +245,9 @@ def run_command(command: Sequence[str], *, kernel: str | None = None, root: str 
         out_path, err_path = os.path.join(work, "stdout"), os.path.join(work, "stderr")
         ports = ([PortConfig(path=out_path, input=stdin), PortConfig(path=err_path)] if capture
                  else [PortConfig(fd=1, input=stdin), PortConfig(fd=2)])
+        # Not stopped at the kernel's "Run ... as init" line by default: the exec of the shim
+        # and of its interpreter (over 9p) happens after it, and is part of the run.
+        stop_at_init = False if stop_at_init is None else stop_at_init
         config = VmConfig(kernel=kernel or default_kernel(), cmdline=p.cmdline,
                           mem_size=parse_size(mem) if isinstance(mem, str) else int(mem), cpus=cpus,
                           console_path=console_path or os.path.join(work, "console.log"), stdin=stdin,
@@ -254,7 +258,13 @@ def run_command(command: Sequence[str], *, kernel: str | None = None, root: str 
             counters = machine.exit_report()
             console = machine.console.tail(40)
             init_seconds = machine.stats.init_seconds
+            watch, host_kind = machine.watch, machine.host
         status = _read_status(os.path.join(run_dir, "status"))
+        if (status is None and not host_kind.userspace_works and watch.init is not None
+                and vm_result.outcome in (Outcome.PANIC, Outcome.RESET)):
+            # The kernel ran the shim (and its interpreter, over 9p) until the first system
+            # call of user space killed init: the end a boot has on such a host.
+            vm_result = init_reached(watch.init, host_kind.name)
         stdout = Path(out_path).read_bytes() if capture else None
         stderr = Path(err_path).read_bytes() if capture else None
         return RunResult(status, vm_result, stdout, stderr, console, init_seconds, counters)

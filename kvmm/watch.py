@@ -28,6 +28,12 @@ INIT_RE = re.compile(rb"Run (\S+) as init process")
 RECENT_MARKERS = 1024  # port 0x80 writes kept in order (a guest may write the port forever)
 
 
+def init_reached(init: str, host_name: str) -> VmResult:
+    """How a boot ends at the kernel's exec of ``init`` where guest user space cannot run."""
+    return VmResult(Outcome.INIT_REACHED, f"the guest kernel started {init}; guest user space cannot make system "
+                                          f"calls on {host_name} (software-nested KVM), so the boot ends here")
+
+
 class BootWatch:
     """Milestones, panic, init and boot markers of one run. ``stop`` ends the VM (with
     stop-at-init); ``started`` is the run's start on the monotonic clock."""
@@ -41,6 +47,7 @@ class BootWatch:
         self.started = clock()
         self.milestones: dict[str, float] = {}
         self.init_seconds: float | None = None
+        self.init: str | None = None  # the program the kernel ran as init
         self.panicked: str | None = None
         # Markers: the first time each value (a byte) was written, and the latest writes.
         self.first_marker: dict[int, float] = {}
@@ -64,12 +71,9 @@ class BootWatch:
             init = m.group(1).decode(errors="replace")
             self.init_seconds = self.clock() - self.started
             LOG.info("guest kernel ran %s %.1f s after start", init, self.init_seconds)
+            self.init = init
             if self.stop_at_init:
-                self.stop(VmResult(
-                    Outcome.INIT_REACHED,
-                    f"the guest kernel started {init}; guest user space cannot make system calls on "
-                    f"{self.host_name} (software-nested KVM), so the boot ends here",
-                ))
+                self.stop(init_reached(init, self.host_name))
 
     def explain(self, result: VmResult) -> VmResult:
         """A guest reset after a kernel panic is the panic (``panic=-1`` resets at once)."""
