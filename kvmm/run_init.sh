@@ -17,14 +17,14 @@ end() {
     exit "$1"
 }
 
+mount -t proc -o nosuid,nodev,noexec proc /proc || say "cannot mount /proc"
+mount -t sysfs -o nosuid,nodev,noexec sysfs /sys || say "cannot mount /sys"
+[ -c /dev/null ] || mount -t devtmpfs -o nosuid devtmpfs /dev || say "cannot mount /dev"
 if [ ! -f "$run/command.sh" ]; then  # not yet mounted by a --root bootstrap
     mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /run || say "cannot mount a tmpfs on /run"
     mkdir -p "$run"
     mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 kvmm-run "$run" || { say "cannot mount the run directory"; end 1; }
 fi
-mount -t proc -o nosuid,nodev,noexec proc /proc || say "cannot mount /proc"
-mount -t sysfs -o nosuid,nodev,noexec sysfs /sys || say "cannot mount /sys"
-[ -c /dev/null ] || mount -t devtmpfs -o nosuid devtmpfs /dev || say "cannot mount /dev"
 mkdir -p /dev/pts /dev/shm 2>/dev/null
 mount -t devpts -o newinstance,ptmxmode=0666,nosuid,noexec devpts /dev/pts 2>/dev/null
 mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /dev/shm 2>/dev/null
