@@ -10,9 +10,9 @@ ones; the used element's length is the reply's size, which Linux takes as the re
 :mod:`kvmm.p9`.
 
 Requests are served on the I/O thread, in order, at most :data:`BUDGET` chains per turn
-of the loop before the other devices get their turn (docs/architecture.md: a slow host
-file system delays the other devices by at most that many requests; the measurement is
-in docs/performance.md).
+of the loop before the other devices get their turn: a slow host file system delays the
+other devices by at most that many requests (docs/architecture.md has the measurement
+and why there is no worker pool).
 
 Snapshots: a share's open files are host file descriptors, and what they refer to can
 change under a snapshot (a restore would have to re-open each by its name, which may
@@ -40,7 +40,7 @@ LOG = logging.getLogger(__name__)
 
 VIRTIO_9P_MOUNT_TAG = 0  # feature bit: the mount tag is in the configuration space
 QUEUE_SIZE = 128
-BUDGET = 16  # chains per turn of the I/O loop (see the module docstring)
+BUDGET = 8  # chains per turn of the I/O loop (see the module docstring)
 LIMITS = Limits()
 
 
