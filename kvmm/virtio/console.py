@@ -55,6 +55,7 @@ def create(ctx: DeviceContext) -> list[VirtioDevice]:
     def make_port(i: int, port: PortConfig) -> VirtioDevice:
         sink = PortSink(port)
         con = VirtioConsole(ctx.mem, sink.write, f"port{i}", sink.close)
+        con.is_port = True
         if port.input:
             ctx.claim_console(con)
         return con
@@ -125,7 +126,12 @@ class VirtioConsole(DeviceBase):
         super().activate(queues, features, interrupt)
         self._deliver()  # input typed before the driver came up
 
+    is_port = False  # an output port (VmConfig.ports): not in a snapshot's saved configuration
+
     def save_state(self) -> Any:
+        if self.is_port:
+            raise SnapshotError("a VM with console output ports (kvmm run) cannot be snapshotted: "
+                                "a snapshot's configuration does not record them")
         with self.lock:
             return to_json(VirtioConsoleState(bytes(self.backlog)))
 

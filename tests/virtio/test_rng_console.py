@@ -97,3 +97,66 @@ def test_console_input_backlog_is_bounded(mem: GuestMemory) -> None:
     _, dev, _ = make_console(mem)
     assert dev.receive(b"x" * (C.INPUT_BACKLOG_LIMIT + 10)) == C.INPUT_BACKLOG_LIMIT
     assert dev.rx_room() == 0 and dev.receive(b"y") == 0
+
+
+# --- output ports (VmConfig.ports: kvmm run's stdout and stderr) ----------------------------
+def port_devices(mem: GuestMemory, tmp_path, ports, console_device: str = "serial"):  # type: ignore[no-untyped-def]
+    from kvmm.config import VmConfig
+    from kvmm.console import ConsoleOutput
+    from kvmm.eventloop import EventLoop
+    from kvmm.virtio.device import DeviceContext
+
+    claimed: list[object] = []
+    primary = ConsoleOutput(path=str(tmp_path / "primary.log"))
+    cfg = VmConfig(kernel="k", console_device=console_device, ports=ports)
+    devices = C.create(DeviceContext(cfg, mem, EventLoop(), primary, claimed.append))
+    return devices, claimed
+
+
+def test_output_ports_write_to_their_files_and_one_takes_the_input(mem: GuestMemory, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from kvmm.config import PortConfig
+    from kvmm.errors import SnapshotError
+
+    devices, claimed = port_devices(mem, tmp_path, [PortConfig(path=str(tmp_path / "out"), input=True),
+                                                    PortConfig(path=str(tmp_path / "err"))])
+    assert [d.name for d in devices] == ["port0", "port1"] and claimed == [devices[0]]
+    for dev, text in zip(devices, (b"to stdout\n", b"to stderr\n")):
+        drv = LegacyDriver(dev, mem)
+        drv.init()
+        tx = drv.queues[C.TX_QUEUE]
+        head = tx.build_chain([(tx.alloc(len(text), text), len(text), False)])
+        tx.publish(head)
+        drv.kick(C.TX_QUEUE)
+    assert (tmp_path / "out").read_bytes() == b"to stdout\n" and (tmp_path / "err").read_bytes() == b"to stderr\n"
+    with pytest.raises(SnapshotError, match="output ports"):
+        devices[0].save_state()
+    for dev in devices:
+        dev.close()
+
+
+def test_output_ports_follow_a_virtio_primary_console(mem: GuestMemory, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from kvmm.config import PortConfig
+
+    devices, claimed = port_devices(mem, tmp_path, [PortConfig(fd=1)], console_device="virtio")
+    assert [d.name for d in devices] == ["virtio_console", "port0"] and claimed == [devices[0]]
+
+
+def test_an_output_port_whose_file_cannot_be_opened_is_a_config_error(mem: GuestMemory, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from kvmm.config import PortConfig
+    from kvmm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="console port file"):
+        port_devices(mem, tmp_path, [PortConfig(path=str(tmp_path / "out")), PortConfig(path=str(tmp_path / "no" / "x"))])
+
+
+def test_an_output_port_to_a_closed_pipe_drops_the_rest(mem: GuestMemory) -> None:
+    import os
+
+    from kvmm.config import PortConfig
+
+    r, w = os.pipe()
+    os.close(r)
+    sink = C.PortSink(PortConfig(fd=w))
+    sink.write(b"nobody reads this")
+    assert sink.broken
+    os.close(w)
