@@ -27,6 +27,7 @@ from kvmm.errors import KernelImageError, SnapshotError  # noqa: E402
 from kvmm.eventloop import EventLoop  # noqa: E402
 from kvmm.irq import LineInterrupt, MsiCallbacks  # noqa: E402
 from kvmm.loader import load_linux  # noqa: E402
+from kvmm.loader import multiboot as mb  # noqa: E402
 from kvmm.memory import GuestMemory  # noqa: E402
 from kvmm.snapshot import MachineState, load_devices  # noqa: E402
 from kvmm.state import from_json  # noqa: E402
@@ -301,6 +302,27 @@ def fuzz_bzimage_payload(data: bytes) -> None:
     image = wrap_payload(payload, version=version, payload_length=max(len(payload) - cut, 0))
     try:
         load_linux(_kernel_mem, image, "console=ttyS0", name="fuzz", bzimage_decompressor=bool(flags & 1))
+    except KernelImageError:
+        pass
+
+
+def fuzz_multiboot(data: bytes) -> None:
+    """A kernel image for the multiboot loader (kvmm/loader/multiboot.py) into 2 MiB of
+    RAM, with two small modules. The first byte picks how the header is made: 0 = the
+    input as is; else a header with a valid checksum over the next 4 bytes of flags and
+    20 of addresses, so most inputs get past the checksum to the layout and placement
+    code. Only KernelImageError may come out."""
+    r = _Reader(data)
+    if r.take(1) & 1:
+        flags = r.take(4)
+        addresses = r.rest()[:20].ljust(20, b"\0")
+        r.pos += 20
+        image = (mb.HEADER_MAGIC.to_bytes(4, "little") + flags.to_bytes(4, "little")
+                 + ((-(mb.HEADER_MAGIC + flags)) & 0xFFFF_FFFF).to_bytes(4, "little") + addresses + r.rest())
+    else:
+        image = r.rest()
+    try:
+        mb.load_multiboot(_mem, image, "fuzz cmdline", [mb.Module(b"module", "m a"), mb.Module(b"", "empty")], "fuzz")
     except KernelImageError:
         pass
 

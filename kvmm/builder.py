@@ -38,7 +38,7 @@ from .host import HostKind, build_cmdline
 from .irq import IoEventNotifier, KvmInterrupts
 from .kvm import ioctls as K
 from .kvm.system import Kvm, Vm
-from .loader import BootInfo, load_flat, load_linux, read_image
+from .loader import BootInfo, is_multiboot, load_flat, load_linux, read_image
 from .memory import GuestMemory
 
 if TYPE_CHECKING:  # imported where used: a VM without snapshots or virtio devices skips them
@@ -233,9 +233,11 @@ def _build(cfg: VmConfig, host: HostKind, loop: EventLoop, events: PlatformEvent
         _check(cfg)
         # User input first: images, memory, console file, disks and taps; then KVM.
         kernel = initrd = None
+        multiboot = False
         if snapshot is None:
             kernel = read_image(cfg.kernel, "kernel")
-            initrd = read_image(cfg.initrd, "initrd") if cfg.initrd else None
+            multiboot = cfg.kernel_format == "multiboot" or (cfg.kernel_format == "auto" and is_multiboot(kernel))
+            initrd = read_image(cfg.initrd, "initrd") if cfg.initrd and not multiboot else None  # multiboot: modules
             p.cmdline = build_cmdline(cfg.cmdline, _default_cmdline(cfg), host.extra_cmdline)
         if prepared is not None and prepared.mem.size != cfg.mem_size:
             raise ConfigError(f"the prepared VM has {prepared.mem.size} bytes of RAM, the configuration {cfg.mem_size}")
@@ -248,7 +250,11 @@ def _build(cfg: VmConfig, host: HostKind, loop: EventLoop, events: PlatformEvent
             p.kvm = Kvm()
             # A restored UART's interrupt state decides its coalescing, after its state is loaded.
             p.vm = x86.create_vm(p.kvm, p.mem, coalesce_uart=cfg.exitless and snapshot is None)
-        if kernel is not None:
+        if kernel is not None and multiboot:  # kvmm/testkernels.py
+            from .testkernels import boot_multiboot
+
+            p.boot, p.cmdline = boot_multiboot(p.mem, kernel, cfg)
+        elif kernel is not None:
             p.boot = (load_flat(p.mem, kernel, name=cfg.kernel) if cfg.kernel_format == "flat"
                       else load_linux(p.mem, kernel, p.cmdline, initrd, name=cfg.kernel,
                                       bzimage_decompressor=cfg.kernel_format == "bzimage"))
@@ -260,6 +266,10 @@ def _build(cfg: VmConfig, host: HostKind, loop: EventLoop, events: PlatformEvent
             p.legacy[name] = make(p, events)
             p.pio.register(ports.base, ports.length, p.legacy[name])
         p.pci = PciBus(p.pio, p.mmio)
+        if cfg.debug_exit or cfg.pc_testdev or multiboot:  # kvmm/testkernels.py
+            from .testkernels import attach_devices
+
+            attach_devices(cfg, p.pio, p.mmio, p.mem, p.vm, multiboot, events.stop)
         p.interrupts = KvmInterrupts(p.vm, loop, cfg.exitless)
         p.notifier = IoEventNotifier(p.vm, loop) if cfg.exitless else None
         for device in p.devices:
@@ -300,7 +310,8 @@ def _default_cmdline(cfg: VmConfig) -> tuple[str, ...]:
 def _log_start(p: Platform, snapshot: Snapshot | None) -> None:
     cfg, host = p.config, p.host
     if host.software_nested:
-        workarounds = [] if snapshot else [f"adding kernel parameters '{' '.join(host.extra_cmdline)}'"]
+        linux = snapshot is None and p.boot is not None and p.boot.kind != "multiboot"
+        workarounds = [f"adding kernel parameters '{' '.join(host.extra_cmdline)}'"] if linux else []
         if host.inject_int3:
             workarounds.append("delivering int3 (and stepping over fwait) by hand")
         LOG.info("host KVM is %s (software nested, no VT-x/AMD-V): %s", host.name, " and ".join(workarounds))
@@ -346,6 +357,10 @@ def add_virtio(p: Platform, device: VirtioDevice) -> VirtioPciLegacy:
 def _create_vcpus(p: Platform) -> None:
     kvm, cfg = cast(Kvm, p.kvm), p.config
     supported = kvm.supported_cpuid()
+    if cfg.cpu_features:  # kvmm/cpuid.py
+        from .cpuid import apply_features
+
+        apply_features(supported, cfg.cpu_features, kvm.supported_cpuid())
     msrs = x86.boot_msrs()
     for i in range(cfg.cpus):
         vcpu = p.vm.create_vcpu(i)

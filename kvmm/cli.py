@@ -170,10 +170,14 @@ def build_parser(prog: str = "kvmm", smoke: bool = False) -> argparse.ArgumentPa
         p.add_argument("--verify-memory", action="store_true",
                        help="with --restore: check the snapshot memory's digest first (reads what the guest had touched)")
     p.add_argument("--kernel-format", choices=KERNEL_FORMATS, default="auto",
-                   help="auto: an ELF vmlinux, or a bzImage whose compressed kernel kvmm decompresses on the host "
-                   "(default); bzimage: enter the bzImage's own decompressor instead; flat: a real-mode binary "
-                   "loaded and entered at 1000:0000, as kvmtool does (tiny test guests)")
-    p.add_argument("--initrd", metavar="PATH", help="initial ramdisk (e.g. a gzip cpio archive)")
+                   help="auto: a multiboot kernel (found by its header), an ELF vmlinux, or a bzImage whose "
+                   "compressed kernel kvmm decompresses on the host (default); bzimage: enter the bzImage's own "
+                   "decompressor instead; flat: a real-mode binary loaded and entered at 1000:0000, as kvmtool does "
+                   "(tiny test guests); multiboot: a Multiboot 0.6.96 kernel (e.g. kvm-unit-tests' x86/*.flat)")
+    p.add_argument("--initrd", metavar="PATH", help="initial ramdisk (e.g. a gzip cpio archive); for a multiboot "
+                   "kernel, its modules as QEMU's -initrd takes them: 'PATH[ ARGS][,PATH[ ARGS]]...'")
+    p.add_argument("--module", action="append", default=[], metavar="'PATH[ ARGS]'",
+                   help="a multiboot module after --initrd's, with its command line; repeatable")
     p.add_argument("--disk", action="append", default=[], metavar="PATH[,ro][,serial=ID]",
                    help="raw disk image as a virtio-blk disk (vda, vdb, ... in order); repeatable")
     p.add_argument("--net", action="append", default=[], metavar="tap=NAME[,mac=MAC]",
@@ -189,6 +193,13 @@ def build_parser(prog: str = "kvmm", smoke: bool = False) -> argparse.ArgumentPa
                    help="the primary console: the 16550A (ttyS0, default) or virtio-console (hvc0); "
                    "its output to stdout (default) or a file")
     p.add_argument("--no-rng", dest="rng", action="store_false", help="no virtio-rng device")
+    p.add_argument("--debug-exit", metavar="PORT[,SIZE]", help="a debug-exit port with QEMU's isa-debug-exit "
+                   "convention: a guest write of v there ends kvmm with status (v << 1) | 1 (kvm-unit-tests: 0xf4,4); "
+                   "kvmm's own port 0x501 (status 64 + v) stays")
+    p.add_argument("--cpu-features", metavar="+NAME,-NAME,...", default="",
+                   help="set or clear CPU features in the vCPUs' CPUID (QEMU's names: x2apic, pcid, tsc-deadline, ...)")
+    p.add_argument("--pc-testdev", action="store_true", help="QEMU's pc-testdev test device (ports 0xe0-0xeb, "
+                   "0x2000-0x2017, MMIO 0xff000000), as kvm-unit-tests' harness adds it")
     p.add_argument("--stop-at-init", type=_stop_at_init, default=None, metavar="auto|yes|no",
                    help="end the VM when the kernel starts init (default auto: only where guest user space cannot run)")
     p.add_argument("--timeout", type=float, default=300.0 if smoke else None, metavar="SECONDS",
@@ -348,8 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     restore = getattr(args, "restore", None)
     if restore:
         given = [opt for opt, value in (("--kernel", args.kernel), ("--initrd", args.initrd), ("--net", args.net),
-                 ("--cmdline", args.cmdline), ("--mem", args.mem), ("--cpus", args.cpus), ("--share", args.share))
-                 if value or value == 0]
+                 ("--cmdline", args.cmdline), ("--mem", args.mem), ("--cpus", args.cpus), ("--share", args.share),
+                 ("--module", args.module), ("--debug-exit", args.debug_exit), ("--pc-testdev", args.pc_testdev or None),
+                 ("--cpu-features", args.cpu_features)) if value or value == 0]
         if given:
             parser.error(f"--restore takes the VM's configuration from the snapshot: drop {', '.join(given)}")
         if any("," in spec for spec in args.disk):
@@ -409,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _config(args: argparse.Namespace, smoke: bool, mem_size: int) -> VmConfig:
-    from .config import DiskConfig, NetConfig, ShareConfig, VmConfig
+    from .config import DebugExitConfig, DiskConfig, NetConfig, ShareConfig, VmConfig, _cpu_features
 
     return VmConfig(
         kernel=args.kernel,
@@ -429,6 +441,10 @@ def _config(args: argparse.Namespace, smoke: bool, mem_size: int) -> VmConfig:
         msix=args.msix,
         api_socket=args.api_sock,
         kernel_format=args.kernel_format,
+        modules=args.module,
+        debug_exit=DebugExitConfig.parse(args.debug_exit) if args.debug_exit else None,
+        pc_testdev=args.pc_testdev,
+        cpu_features=_cpu_features(args.cpu_features),
     )
 
 

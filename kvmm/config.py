@@ -38,6 +38,7 @@ class VmResult(NamedTuple):
     message: str = ""
     debug_value: int | None = None
     signal: int | None = None
+    debug_qemu: bool = False  # the value came through --debug-exit (QEMU's isa-debug-exit convention)
 
     @property
     def exit_status(self) -> int:
@@ -47,6 +48,9 @@ class VmResult(NamedTuple):
             return EXIT_PANIC
         if self.outcome is Outcome.VCPU_ERROR:
             return EXIT_VCPU_ERROR
+        if self.outcome is Outcome.DEBUG_EXIT and self.debug_qemu:
+            # QEMU's isa-debug-exit: exit((v << 1) | 1); the status is its low byte.
+            return (((self.debug_value or 0) << 1) | 1) & 0xFF
         if self.outcome is Outcome.DEBUG_EXIT:
             return EXIT_DEBUG_BASE + ((self.debug_value or 0) & 0x3F)
         if self.outcome is Outcome.INTERRUPTED:
@@ -54,6 +58,27 @@ class VmResult(NamedTuple):
         if self.outcome is Outcome.TIMEOUT:
             return EXIT_TIMEOUT
         return EXIT_VMM_ERROR
+
+
+class DebugExitConfig(NamedTuple):
+    """A debug-exit port with QEMU's isa-debug-exit convention (``--debug-exit PORT[,SIZE]``):
+    a write of ``v`` to any of its ``size`` ports ends the VM with status ``(v << 1) | 1``."""
+
+    port: int
+    size: int = 1
+
+    @classmethod
+    def parse(cls, spec: str) -> DebugExitConfig:
+        """``PORT[,SIZE]`` (numbers in C syntax: 0xf4, 244), as QEMU's iobase and iosize."""
+        port_s, _, size_s = spec.partition(",")
+        try:
+            port = int(port_s, 0)
+            size = int(size_s, 0) if size_s else 1
+        except ValueError:
+            raise ConfigError(f"--debug-exit {spec!r}: expected PORT[,SIZE], e.g. 0xf4,4") from None
+        if size not in (1, 2, 4) or not 0 <= port <= 0xFFFF - size + 1:
+            raise ConfigError(f"--debug-exit {spec!r}: SIZE must be 1, 2 or 4 and the ports within 0-0xffff")
+        return cls(port, size)
 
 
 class DiskConfig(NamedTuple):
@@ -185,7 +210,9 @@ def config_from_options(kernel: str, *, initrd: str | None = None, cmdline: str 
                         console: str = "serial", console_file: str | None = None, hugepages: bool = False,
                         stop_at_init: bool | None = None, rng: bool = True, msix: bool = True, exitless: bool = True,
                         stdin: bool = False, api_socket: str | None = None, kernel_format: str = "auto",
-                        shares: list[str | ShareConfig] | None = None) -> "VmConfig":
+                        shares: list[str | ShareConfig] | None = None, modules: list[str] | None = None,
+                        debug_exit: str | DebugExitConfig | None = None, pc_testdev: bool = False,
+                        cpu_features: str = "") -> "VmConfig":
     """A :class:`VmConfig` from the command line's options as keyword arguments:
     ``mem="256M"``, ``disks=["root.img", "data.img,ro"]``, ``nets=["tap=tap0"]``,
     ``shares=["/srv/data,tag=data"]``..."""
@@ -199,8 +226,18 @@ def config_from_options(kernel: str, *, initrd: str | None = None, cmdline: str 
         nets=[n if isinstance(n, NetConfig) else NetConfig.parse(n) for n in nets or []],
         rng=rng, msix=msix, exitless=exitless, api_socket=api_socket, kernel_format=kernel_format,
         shares=[sh if isinstance(sh, ShareConfig) else ShareConfig.parse(str(sh)) for sh in shares or []],
+        modules=list(modules or []), pc_testdev=pc_testdev, cpu_features=_cpu_features(cpu_features),
+        debug_exit=DebugExitConfig.parse(debug_exit) if isinstance(debug_exit, str) else debug_exit,
     )
 
+
+
+def _cpu_features(spec: str) -> tuple[tuple[str, bool], ...]:
+    if not spec:
+        return ()
+    from .cpuid import parse_cpu_features  # here: only a VM with --cpu-features loads it
+
+    return parse_cpu_features(spec)
 
 
 @dataclass
@@ -225,6 +262,10 @@ class VmConfig:
     host: HostKind | None = None
     default_cmdline: tuple[str, ...] = DEFAULT_CMDLINE
     api_socket: str | None = None  # a control socket (kvmm.api) at this path
-    kernel_format: str = "auto"  # one of kvmm.defaults.KERNEL_FORMATS: "auto", "bzimage" or "flat"
+    kernel_format: str = "auto"  # one of kvmm.defaults.KERNEL_FORMATS: "auto", "bzimage", "flat" or "multiboot"
+    modules: list[str] = field(default_factory=list)  # multiboot modules after --initrd's: "PATH[ ARGS]" each
+    debug_exit: DebugExitConfig | None = None  # a QEMU isa-debug-exit port besides kvmm's 0x501
+    pc_testdev: bool = False  # QEMU's pc-testdev (kvmm/devices/testdev.py), for kvm-unit-tests
+    cpu_features: tuple[tuple[str, bool], ...] = ()  # CPUID changes, e.g. (("x2apic", False),): kvmm/cpuid.py
     shares: list[ShareConfig] = field(default_factory=list)  # virtio-9p host directories
     ports: list[PortConfig] = field(default_factory=list)  # virtio-console output ports (kvmm run)

@@ -56,5 +56,5 @@ MAX_CPUS = 16  # the MP table lives in the 1 KiB below 640 KiB
 CONSOLE_DEVICES = ("serial", "virtio")  # the 8250 (ttyS0) or virtio-console (hvc0)
 # auto: an ELF vmlinux, or a bzImage with its payload decompressed on the host; bzimage: a
 # bzImage entered through its own decompressor; flat: a real-mode binary at 1000:0000.
-KERNEL_FORMATS = ("auto", "bzimage", "flat")
+KERNEL_FORMATS = ("auto", "bzimage", "flat", "multiboot")
 

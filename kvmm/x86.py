@@ -178,6 +178,44 @@ def setup_real_mode(vcpu: Vcpu, segment: int) -> None:
     vcpu.set_regs(regs)
 
 
+MULTIBOOT_EAX = 0x2BADB002  # Multiboot 0.6.96, 3.2: "the OS image was loaded by a Multiboot-compliant boot loader"
+
+
+def setup_protected_mode(vcpu: Vcpu, entry: int, info: int, gdt_addr: int, gdt: tuple[int, ...],
+                         code_selector: int = 0x08, data_selector: int = 0x10) -> None:
+    """The machine state of Multiboot 0.6.96, 3.2: EAX = 0x2BADB002, EBX = the
+    ``multiboot_info`` address; CS a 32-bit read/execute segment and DS/ES/FS/GS/SS
+    32-bit read/write segments, all with offset 0 and limit 0xFFFFFFFF; CR0 with PE set
+    and PG clear; EFLAGS with VM and IF clear. GDTR points at ``gdt`` (written at
+    ``gdt_addr`` by the loader), so the selectors are valid until the OS loads its own;
+    IDTR is empty (3.2: the OS must set up its own IDT before enabling interrupts); ESP
+    is undefined by the specification and left 0."""
+    sregs = vcpu.get_sregs()
+    code = segment_from_gdt(gdt[code_selector >> 3], code_selector)
+    data = segment_from_gdt(gdt[data_selector >> 3], data_selector)
+    for name, value in code.items():
+        setattr(sregs.cs, name, value)
+    for seg in (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss):
+        for name, value in data.items():
+            setattr(seg, name, value)
+    sregs.gdt.base = gdt_addr
+    sregs.gdt.limit = len(gdt) * 8 - 1
+    sregs.idt.base = 0
+    sregs.idt.limit = 0
+    sregs.cr0 = CR0_PE | CR0_ET  # paging off (3.2), caches on
+    sregs.cr3 = 0
+    sregs.cr4 = 0
+    sregs.efer = 0
+    vcpu.set_sregs(sregs)
+
+    regs = ffi.new("struct kvm_regs *")
+    regs.rip = entry
+    regs.rax = MULTIBOOT_EAX
+    regs.rbx = info
+    regs.rflags = 0x2  # reserved bit 1; IF and VM clear
+    vcpu.set_regs(regs)
+
+
 def setup_long_mode(vcpu: Vcpu, entry: int, boot_params: int) -> None:
     """Registers for the 64-bit entry of the boot protocol."""
     sregs = vcpu.get_sregs()
@@ -348,8 +386,9 @@ def build_mptable(ncpus: int, base: int = EBDA_START, pci_irqs: list[tuple[int, 
 
 def setup_boot_vcpu(vcpu: Vcpu, kind: str, entry: int, boot_params: int, msrs: dict[int, int]) -> None:
     """A vCPU as a boot finds it: MSRs (``msrs``, those KVM takes), FNINIT FPU state, the
-    LAPIC's virtual wire; vCPU 0 in real mode at the flat image (``kind`` "flat") or in
-    long mode at the kernel's 64-bit ``entry``. The others wait for the guest's INIT/SIPI
+    LAPIC's virtual wire; vCPU 0 in real mode at the flat image (``kind`` "flat"), in
+    32-bit protected mode at a multiboot kernel's ``entry`` ("multiboot", ``boot_params``
+    its multiboot_info), or in long mode at the kernel's 64-bit ``entry``. The others wait for the guest's INIT/SIPI
     (KVM keeps them in the wait-for-SIPI state)."""
     refused = vcpu.set_msrs_each(msrs)
     if refused:
@@ -358,5 +397,10 @@ def setup_boot_vcpu(vcpu: Vcpu, kind: str, entry: int, boot_params: int, msrs: d
     setup_lapic(vcpu)
     if vcpu.id == 0 and kind == "flat":
         setup_real_mode(vcpu, FLAT_SEGMENT)
+    elif vcpu.id == 0 and kind == "multiboot":  # boot_params: the multiboot_info, the GDT before it
+        from .loader import multiboot as mb
+
+        setup_protected_mode(vcpu, entry, boot_params, boot_params - mb.INFO_OFFSET, mb.GDT_FLAT,
+                             mb.CODE_SELECTOR, mb.DATA_SELECTOR)
     elif vcpu.id == 0:
         setup_long_mode(vcpu, entry, boot_params)

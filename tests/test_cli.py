@@ -31,7 +31,7 @@ def test_kernel_of_wrong_format(tmp_path: Path) -> None:
     bad.write_text("not a kernel\n" * 100)
     res = run_kvmm("--kernel", str(bad))
     assert res.returncode == 10
-    assert "neither an ELF vmlinux nor a bzImage" in res.stderr.decode()
+    assert "neither a multiboot kernel, an ELF vmlinux nor a bzImage" in res.stderr.decode()
     assert len(error_lines(res)) == 1
 
 
@@ -169,7 +169,8 @@ def test_bad_net_option(spec: str, status: int, guests) -> None:  # type: ignore
 
 
 @pytest.mark.parametrize("extra", [["--kernel", "vmlinux"], ["--mem", "1G"], ["--cpus", "2"], ["--cmdline", "quiet"],
-                                   ["--net", "tap=t0"], ["--initrd", "x"]])
+                                   ["--net", "tap=t0"], ["--initrd", "x"], ["--module", "m"],
+                                   ["--debug-exit", "0xf4"], ["--pc-testdev"], ["--cpu-features=-pcid"]])
 def test_restore_takes_its_configuration_from_the_snapshot(tmp_path: Path, extra: list[str]) -> None:
     res = run_kvmm("--restore", str(tmp_path), *extra)
     assert res.returncode == 2 and b"takes the VM's configuration from the snapshot" in res.stderr
@@ -267,3 +268,14 @@ def test_run_without_a_command() -> None:
 def test_run_with_a_missing_rw_directory(tmp_path: Path, guests) -> None:  # type: ignore[no-untyped-def]
     res = run_kvmm("run", "--kernel", str(guests("serial_hello")), "--rw", str(tmp_path / "nope"), "--", "true")
     assert res.returncode == 11 and error_lines(res) == [f"kvmm: error: --rw {str(tmp_path / 'nope')!r} does not exist"]
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--debug-exit", "0xf4,3"], "--debug-exit '0xf4,3': SIZE must be 1, 2 or 4"),
+    (["--debug-exit", "0x3f8"], "--debug-exit 0x3f8,1: another kvmm device uses one of these ports"),
+    (["--cpu-features=+warp"], "unknown feature 'warp'"),
+])
+def test_bad_test_kernel_options(args: list[str], match: str, guests) -> None:  # type: ignore[no-untyped-def]
+    res = run_kvmm("-q", "--kernel", str(guests("serial_hello")), "--mem", "16M", *args)
+    assert res.returncode == 2, res.stderr.decode()
+    assert len(error_lines(res)) == 1 and error_lines(res)[0].startswith("kvmm: error: ") and match in error_lines(res)[0]

@@ -49,7 +49,8 @@ def parse_elf(image: bytes, name: str = "kernel") -> ElfImage:
     if ident[:4] != ELF_MAGIC:
         raise KernelImageError(f"{name}: not an ELF file")
     if ident[4] != ELFCLASS64 or ident[5] != ELFDATA2LSB:
-        raise KernelImageError(f"{name}: not a 64-bit little-endian ELF (a 32-bit vmlinux cannot be booted)")
+        raise KernelImageError(f"{name}: not a 64-bit little-endian ELF (a 32-bit vmlinux cannot be booted; "
+                               "a 32-bit kernel needs a multiboot header)")
     if e_type != ET_EXEC or machine != EM_X86_64:
         raise KernelImageError(f"{name}: not an x86-64 executable (type {e_type}, machine {machine})")
     if phentsize != _PHDR.size or phnum == 0 or phoff + phnum * phentsize > len(image):
