@@ -46,6 +46,9 @@ EXIT_STATUSES = (
     ("17", "`kvmm run`: the command did not run to its end (guest user space cannot run on this host, so the boot "
            "ended at init; or the guest ended without reporting the command's exit status)"),
     (f"{EXIT_DEBUG_BASE} + v", "the guest wrote `v` (0-63) to the debug-exit port 0x501"),
+    ("2v + 1", "with `--debug-exit PORT[,SIZE]`: the guest wrote `v` there (QEMU's isa-debug-exit convention, "
+               "`(v << 1) + 1`, its low byte; odd statuses then overlap kvmm's own, which come with a "
+               "`kvmm: error:` line)"),
     ("130, 143", "interrupted by SIGINT or SIGTERM (or `Ctrl-A x`)"),
 )
 

@@ -15,10 +15,13 @@ Guest-physical memory (x86-64)::
     0x0002_0000  kernel command line (64 KiB)
     0x0009_fc00  EBDA: MP floating pointer and table; reserved in e820 up to 1 MiB
     0x0010_0000  high memory: kernel, initrd at the top of low RAM
+                 (a multiboot kernel goes where its headers say, in RAM clear of the EBDA
+                 area; its boot information and modules follow it: loader/multiboot.py)
     0xc000_0000  end of low RAM: the 32-bit PCI/MMIO hole starts
     0xe000_0000  32-bit PCI memory BARs (MSI-X tables), up to the IOAPIC
     0xfec0_0000  IOAPIC
     0xfee0_0000  local APICs
+    0xff00_0000  QEMU pc-testdev's 64 KiB scratch memory (--pc-testdev only)
     0xfffb_c000  identity-map page for Intel real-mode emulation (KVM_SET_IDENTITY_MAP_ADDR)
     0xfffb_d000  three pages of TSS for the same (KVM_SET_TSS_ADDR)
     0x1_0000_0000  RAM above 3 GiB continues here
@@ -72,12 +75,22 @@ COM1 = PortRange(0x3F8, 8)  # 16550A UART, ttyS0
 DEBUG_EXIT = PortRange(0x501, 1)  # test guests end the VM with a status
 PCI_CONFIG_ADDRESS = PortRange(0xCF8, 4)  # configuration mechanism #1
 PCI_CONFIG_DATA = PortRange(0xCFC, 4)
+# Devices of test kernels written for QEMU (kvmm/testkernels.py), present only when asked for.
+TESTDEV_DATA = PortRange(0xE0, 4)  # pc-testdev scratch register (--pc-testdev)
+TESTDEV_FLUSH = PortRange(0xE4, 4)  # pc-testdev page flush
+TESTDEV_BYTE = PortRange(0xE8, 4)  # pc-testdev scratch register, byte view
+TESTDEV_IRQ = PortRange(0x2000, 24)  # pc-testdev interrupt lines 0-23
+TESTDEV_IOMEM = 0xFF00_0000  # pc-testdev scratch memory (MMIO)
+TESTDEV_IOMEM_SIZE = 0x1_0000
+FW_CFG = PortRange(0x510, 2)  # QEMU fw_cfg selector and data (multiboot kernels)
 IO_BAR_BASE = 0xC000  # PCI I/O BARs, above the legacy ISA ports (as kvmtool and QEMU)
 IO_BAR_LIMIT = 0x10000
 
 PORT_MAP = {
     "post": POST, "i8042": I8042, "cmos": CMOS, "com1": COM1, "debug_exit": DEBUG_EXIT,
     "pci_config_address": PCI_CONFIG_ADDRESS, "pci_config_data": PCI_CONFIG_DATA,
+    "testdev_data": TESTDEV_DATA, "testdev_flush": TESTDEV_FLUSH, "testdev_byte": TESTDEV_BYTE,
+    "testdev_irq": TESTDEV_IRQ, "fw_cfg": FW_CFG,
 }
 
 # --- interrupts -----------------------------------------------------------------------

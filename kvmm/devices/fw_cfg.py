@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import struct
 
-FW_CFG_PORT = 0x510  # selector (16-bit); data at 0x511
-FW_CFG_PORTS = 2
+from ..layout import FW_CFG
+
+FW_CFG_PORT = FW_CFG.base  # selector (16-bit); data at 0x511
+FW_CFG_PORTS = FW_CFG.length
 FW_CFG_SIGNATURE = 0x00
 FW_CFG_ID = 0x01
 FW_CFG_UUID = 0x02

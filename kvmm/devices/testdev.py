@@ -23,18 +23,15 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable
 
+from .. import layout
 from ..memory import GuestMemory
 from ..ratelimit import RateLimitedLog
 
 LOG = logging.getLogger(__name__)
 
-TESTDEV_DATA_PORT = 0xE0
-TESTDEV_FLUSH_PORT = 0xE4
-TESTDEV_BYTE_PORT = 0xE8
-TESTDEV_IRQ_PORT = 0x2000
-TESTDEV_IRQ_LINES = 24
-TESTDEV_IOMEM = 0xFF00_0000
-TESTDEV_IOMEM_SIZE = 0x1_0000
+TESTDEV_IRQ_LINES = layout.TESTDEV_IRQ.length
+TESTDEV_IOMEM = layout.TESTDEV_IOMEM
+TESTDEV_IOMEM_SIZE = layout.TESTDEV_IOMEM_SIZE
 PAGE = 0x1000
 PROT_NONE = 0
 PROT_READ_WRITE = 0x3
@@ -138,8 +135,7 @@ class PcTestDev:
         self.iomem = TestDevIomem()
 
     def attach(self, pio: Any, mmio: Any) -> None:
-        pio.register(TESTDEV_DATA_PORT, 4, self.data)
-        pio.register(TESTDEV_FLUSH_PORT, 4, self.flush)
-        pio.register(TESTDEV_BYTE_PORT, 4, self.data)
-        pio.register(TESTDEV_IRQ_PORT, TESTDEV_IRQ_LINES, self.irq)
+        for ports, device in ((layout.TESTDEV_DATA, self.data), (layout.TESTDEV_FLUSH, self.flush),
+                              (layout.TESTDEV_BYTE, self.data), (layout.TESTDEV_IRQ, self.irq)):
+            pio.register(ports.base, ports.length, device)
         mmio.register(TESTDEV_IOMEM, TESTDEV_IOMEM_SIZE, self.iomem)

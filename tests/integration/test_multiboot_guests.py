@@ -129,3 +129,18 @@ def test_multiboot_errors_are_one_line_with_status_10(guests, tmp_path: Path) ->
         lines = [line for line in res.stderr.decode().splitlines() if line.strip()]
         assert res.returncode == 10, (args, res.stderr)
         assert len(lines) == 1 and lines[0].startswith("kvmm: error:") and message in lines[0], lines
+
+
+def test_snapshot_of_a_multiboot_vm_is_refused(guests, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    # A snapshot records neither fw_cfg nor the --debug-exit/--pc-testdev/--cpu-features
+    # set-up: a restored VM would silently lack them, so kvmm says no.
+    from kvmm.config import VmConfig
+    from kvmm.errors import SnapshotError
+    from kvmm.vm import Machine
+
+    with Machine(VmConfig(kernel=str(guests("mb_exit")), mem_size=16 << 20, console_path="/dev/null", stdin=False,
+                          rng=False, cmdline="port=0x80 width=1 value=0")) as m:
+        m.launch(timeout=30)
+        with pytest.raises(SnapshotError, match="multiboot kernel"):
+            m.snapshot(tmp_path / "snap")
+        assert not (tmp_path / "snap").exists()
