@@ -15,6 +15,7 @@ the RAM size, "no graphics", the CPU counts, and an empty file directory.
 from __future__ import annotations
 
 import struct
+import threading
 
 from ..layout import FW_CFG
 
@@ -54,21 +55,24 @@ class FwCfg:
         self.items = dict(items)
         self.selected = b""
         self.pos = 0
+        self.lock = threading.Lock()  # vCPU threads select and read (the guest serialises its own)
 
     def pio_read(self, offset: int, size: int) -> int:
         if offset != 1:
             return 0  # the selector port reads as 0
         value = 0
-        for i in range(size):  # a wider read returns the next bytes, first byte lowest
-            if self.pos < len(self.selected):
-                value |= self.selected[self.pos] << (8 * i)
-            self.pos += 1
-        self.pos = min(self.pos, len(self.selected))
+        with self.lock:
+            for i in range(size):  # a wider read returns the next bytes, first byte lowest
+                if self.pos < len(self.selected):
+                    value |= self.selected[self.pos] << (8 * i)
+                self.pos += 1
+            self.pos = min(self.pos, len(self.selected))
         return value
 
     def pio_write(self, offset: int, size: int, value: int) -> None:
         if offset == 0 and size >= 2:  # a byte write there is a data write in QEMU: ignored
             # The selector's bit 14 (write) and 15 (arch-local) pick items kvmm does not
             # have; such a key selects nothing and reads as zeros.
-            self.selected = self.items.get(value & 0xFFFF, b"")
-            self.pos = 0
+            with self.lock:
+                self.selected = self.items.get(value & 0xFFFF, b"")
+                self.pos = 0

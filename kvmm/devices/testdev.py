@@ -21,6 +21,7 @@ is checked against guest RAM, a line number is an offset into 24 ports.
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any, Callable
 
 from .. import layout
@@ -58,6 +59,7 @@ class TestDevData:
 
     def __init__(self) -> None:
         self.value = 0
+        self.lock = threading.Lock()  # a read-modify-write from any vCPU thread
 
     def pio_read(self, offset: int, size: int) -> int:
         shift = (offset & 3) * 8
@@ -66,7 +68,8 @@ class TestDevData:
     def pio_write(self, offset: int, size: int, value: int) -> None:
         shift = (offset & 3) * 8
         mask = (((1 << (8 * size)) - 1) << shift) & 0xFFFF_FFFF
-        self.value = (self.value & ~mask) | ((value << shift) & mask)
+        with self.lock:
+            self.value = (self.value & ~mask) | ((value << shift) & mask)
 
 
 class TestDevFlush:
@@ -122,6 +125,7 @@ class TestDevIomem:
         return int.from_bytes(self.buf[offset : offset + size], "little")
 
     def mmio_write(self, offset: int, size: int, value: int) -> None:
+        # One slice assignment: atomic under the GIL, as the guest's own store would be.
         self.buf[offset : offset + size] = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
 
 

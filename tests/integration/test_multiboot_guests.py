@@ -107,7 +107,7 @@ def test_a_linux_kernel_gets_no_fw_cfg(guests) -> None:  # type: ignore[no-untyp
 
     with Machine(VmConfig(kernel=str(guests("serial_hello")), mem_size=16 << 20, console_path="/dev/null",
                           stdin=False, rng=False)) as m:
-        assert m.pio.read(0x511, 1) == 0xFF
+        assert m.platform.pio.read(0x511, 1) == 0xFF
 
 
 def test_multiboot_errors_are_one_line_with_status_10(guests, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
