@@ -31,6 +31,7 @@ NOT_AT_START = (
     "kvmm.loader.payload", "lz4", "zstandard", "lzo",  # a bzImage's payload decoders
     "kvmm.virtio.blk", "kvmm.virtio.net", "kvmm.virtio.console", "kvmm.virtio.rng", "kvmm.virtio.pci_legacy",
     "kvmm.virtio.p9", "kvmm.p9.server", "kvmm.p9.hostfs", "kvmm.run", "resource",
+    "kvmm.loader.multiboot", "kvmm.testkernels", "kvmm.cpuid", "kvmm.devices.fw_cfg", "kvmm.devices.testdev",
 )
 
 
