@@ -72,6 +72,16 @@ def test_header_must_lie_completely_within_first_8192_bytes() -> None:
     assert find_multiboot_header(bytes(8184) + header()) is None
 
 
+def test_regression_header_cut_short_by_the_end_of_the_image_is_no_header() -> None:
+    # Found by the multiboot fuzz target: a magic 4 bytes before the end of a 12-byte
+    # image, whose truncated words happened to sum to zero, was taken for a header and
+    # its parse raised struct.error instead of KernelImageError.
+    image = bytes.fromhex("0402b0ad1b02b0ad1bfe4f52e4")[1:]
+    assert find_multiboot_header(image) is None
+    with pytest.raises(KernelImageError, match="no multiboot header"):
+        mb.parse_header(image)
+
+
 def test_header_must_be_32bit_aligned() -> None:
     assert find_multiboot_header(bytes(102) + header()) is None
 

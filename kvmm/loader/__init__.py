@@ -37,7 +37,7 @@ def find_multiboot_header(image: bytes | bytearray | memoryview) -> int | None:
     data = bytes(image[:MULTIBOOT_SEARCH])
     at = data.find(MULTIBOOT_MAGIC, 0, MULTIBOOT_SEARCH - 8)
     while at >= 0:
-        if at % 4 == 0:
+        if at % 4 == 0 and at + 12 <= len(data):  # the whole header, not a magic cut short
             words = (int.from_bytes(data[at + i : at + i + 4], "little") for i in (0, 4, 8))
             if sum(words) & 0xFFFF_FFFF == 0:
                 return at
