@@ -370,4 +370,4 @@ def test_the_vcpu_starts_at_the_chosen_entry_in_64bit_mode(kernel_format: str, e
 def test_unknown_kernel_format_is_a_usage_error(tmp_path: Path) -> None:
     res = run_kvmm("--kernel", str(tmp_path / "k"), "--kernel-format", "zimage")
     assert res.returncode == 2
-    assert "invalid choice: 'zimage' (choose from 'auto', 'bzimage', 'flat')" in res.stderr.decode()
+    assert "invalid choice: 'zimage' (choose from 'auto', 'bzimage', 'flat', 'multiboot')" in res.stderr.decode()
