@@ -21,7 +21,7 @@ import importlib
 import logging
 from typing import TYPE_CHECKING, Callable, cast
 
-from . import layout, x86
+from . import layout, teardown, x86
 from .coalesced import CoalescedPio
 from .config import Outcome, VmConfig, VmResult
 from .console import ConsoleInput, ConsoleOutput
@@ -194,10 +194,11 @@ class Platform:
             if closer is not None:
                 closer.close()
         self.interrupts = self.notifier = self.coalesced = None
-        if self.vm is not None:
-            self.vm.close()
-        if self.kvm is not None:
-            self.kvm.close()
+        if self.vm is not None or self.kvm is not None:
+            # The VM destroy is the kernel's slow part (kvmm/teardown.py); nothing of this
+            # machine runs any more (its vCPU threads have ended), so it can wait there.
+            vm, kvm, self.vm, self.kvm = self.vm, self.kvm, None, None  # type: ignore[assignment]
+            teardown.retire(lambda: _close_kvm(vm, kvm))
         for device in self.devices:
             try:
                 device.close()
@@ -210,6 +211,13 @@ class Platform:
             self.console.close()
 
 
+def _close_kvm(vm: Vm | None, kvm: Kvm | None) -> None:
+    if vm is not None:
+        vm.close()
+    if kvm is not None:
+        kvm.close()
+
+
 def build_for_boot(config: VmConfig, host: HostKind, loop: EventLoop, events: PlatformEvents,
                    prepared: PreparedVm | None = None) -> Platform:
     """A platform with ``config``'s kernel loaded and vCPU 0 at its entry. ``prepared``:
@@ -218,10 +226,12 @@ def build_for_boot(config: VmConfig, host: HostKind, loop: EventLoop, events: Pl
 
 
 def build_from_snapshot(snapshot: Snapshot, config: VmConfig, host: HostKind, loop: EventLoop,
-                        events: PlatformEvents) -> Platform:
+                        events: PlatformEvents, prepared: PreparedVm | None = None) -> Platform:
     """A platform recreated from ``snapshot`` (``config`` made from its saved one, with
-    the run-time choices), its state applied: the guest continues where it paused."""
-    return _build(config, host, loop, events, snapshot, None)
+    the run-time choices), its state applied: the guest continues where it paused.
+    ``prepared``: RAM mapped from the snapshot's memory and the VM around it, made ahead
+    (kvmm/pool.py); the platform owns them then."""
+    return _build(config, host, loop, events, snapshot, prepared)
 
 
 def _build(cfg: VmConfig, host: HostKind, loop: EventLoop, events: PlatformEvents,

@@ -384,6 +384,43 @@ def read_snapshot(path: str | os.PathLike[str], verify_memory: bool = False,
     path = Path(path)
     if not path.is_dir():
         raise SnapshotError(f"{path} is not a snapshot directory")
+    identity = _files_identity(path)
+    cached = _read_cache.get((identity, verify_memory)) or (_read_cache.get((identity, True)) if identity else None)
+    if cached is None:
+        cached = _read_checked(path, verify_memory)
+        if identity is not None:
+            if len(_read_cache) >= READ_CACHE_SIZE:
+                _read_cache.pop(next(iter(_read_cache)))
+            _read_cache[(identity, verify_memory)] = cached
+    manifest, state = cached
+    if disk_paths is not None:
+        if len(disk_paths) != len(manifest.config.disks):
+            raise SnapshotError(f"the snapshot has {len(manifest.config.disks)} disk(s), {len(disk_paths)} path(s) were given")
+        disks = [replace(d, path=os.path.abspath(p)) for d, p in zip(manifest.config.disks, disk_paths)]
+        manifest = replace(manifest, config=replace(manifest.config, disks=disks))
+    _check_disks(manifest.config)
+    return Snapshot(path, manifest, state)
+
+
+# Restoring one snapshot many times (a fresh VM per test) parses and checks its files
+# once: a restore re-reads them only when one of them changed identity (inode, size,
+# modification or change time), which a stat per file tells. What a restore checks each
+# time is what differs per restore: the disks it is given. Devices copy what they load
+# from the state, so one parsed state serves every restore (tests/test_snapshot.py).
+READ_CACHE_SIZE = 16
+_read_cache: dict[tuple[tuple[tuple[int, ...], ...] | None, bool], tuple[Manifest, MachineState]] = {}
+
+
+def _files_identity(path: Path) -> tuple[tuple[int, ...], ...] | None:
+    try:
+        stats = [os.stat(path / name) for name in (MANIFEST, STATE, MEMORY)]
+    except OSError:
+        return None  # read_snapshot's own checks name the problem
+    return tuple((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) for st in stats)
+
+
+def _read_checked(path: Path, verify_memory: bool) -> tuple[Manifest, MachineState]:
+    """The snapshot's manifest and state, every file-level check passed (disks aside)."""
     raw = _read_limited(path / MANIFEST, MAX_MANIFEST_BYTES, "manifest")
     try:
         data = json.loads(raw)
@@ -399,11 +436,6 @@ def read_snapshot(path: str | os.PathLike[str], verify_memory: bool = False,
     if manifest.kvmm_version != __version__:
         raise SnapshotError(f"the snapshot was made by kvmm {manifest.kvmm_version}, this is kvmm {__version__}: "
                             "restore it with the same version")
-    if disk_paths is not None:
-        if len(disk_paths) != len(manifest.config.disks):
-            raise SnapshotError(f"the snapshot has {len(manifest.config.disks)} disk(s), {len(disk_paths)} path(s) were given")
-        disks = [replace(d, path=os.path.abspath(p)) for d, p in zip(manifest.config.disks, disk_paths)]
-        manifest = replace(manifest, config=replace(manifest.config, disks=disks))
     _check_config(manifest.config)
     memory = path / MEMORY
     try:
@@ -427,17 +459,24 @@ def read_snapshot(path: str | os.PathLike[str], verify_memory: bool = False,
             digest = sparse_digest(f.fileno(), memory_size)
         if digest != manifest.memory.sha256:
             raise SnapshotError(f"snapshot memory {memory} fails its checksum: it was modified or damaged")
-    return Snapshot(path, manifest, state)
+    return manifest, state
 
 
 def _check_config(cfg: SavedConfig) -> None:
-    """The configuration's own consistency, and each disk unchanged since the snapshot."""
+    """The configuration's own consistency."""
     if not 1 <= cfg.cpus <= MAX_CPUS:
         raise SnapshotError(f"snapshot configuration: {cfg.cpus} vCPUs is outside 1-{MAX_CPUS}")
     if not 1 << 20 <= cfg.mem_size <= MAX_SNAPSHOT_RAM or cfg.mem_size % 4096:
         raise SnapshotError(f"snapshot configuration: memory size {cfg.mem_size} is not a page multiple within the limits")
     if cfg.console_device not in CONSOLE_DEVICES:
         raise SnapshotError(f"snapshot configuration: unknown console device {cfg.console_device!r:.20}")
+    for n in cfg.nets:
+        if len(n.mac) != 6:
+            raise SnapshotError(f"snapshot configuration: MAC of {n.tap!r:.20} is {len(n.mac)} bytes")
+
+
+def _check_disks(cfg: SavedConfig) -> None:
+    """Each disk unchanged since the snapshot (size and modification time)."""
     for d in cfg.disks:
         try:
             st = os.stat(d.path)
@@ -448,9 +487,6 @@ def _check_config(cfg: SavedConfig) -> None:
                 f"snapshot disk {d.path} changed since the snapshot was taken (size {st.st_size}, was {d.size}; "
                 f"modified {datetime.datetime.fromtimestamp(st.st_mtime_ns / 1e9).isoformat(timespec='seconds')}): "
                 "restoring would show the guest a disk that disagrees with its caches")
-    for n in cfg.nets:
-        if len(n.mac) != 6:
-            raise SnapshotError(f"snapshot configuration: MAC of {n.tap!r:.20} is {len(n.mac)} bytes")
 
 
 # Type hints resolved at import, not in the middle of a restore.

@@ -112,7 +112,7 @@ class Machine:
         events = PlatformEvents(_weak(self.stop), self.watch.marker)
         try:
             self.platform: Platform = (build_for_boot(config, self.host, self.loop, events, prepared) if _restore is None
-                                       else build_from_snapshot(_restore, config, self.host, self.loop, events))
+                                       else build_from_snapshot(_restore, config, self.host, self.loop, events, prepared))
         except BaseException:
             self.loop.close()
             self._closed = True
@@ -136,11 +136,12 @@ class Machine:
     @classmethod
     def restore(cls, path: str | os.PathLike[str], *, console_path: str | None = None, stdin: bool = False,
                 verify_memory: bool = False, host: HostKind | None = None, api_socket: str | None = None,
-                disks: list[str] | None = None) -> Machine:
+                disks: list[str] | None = None, prepared: PreparedVm | None = None) -> Machine:
         """A machine recreated from the snapshot directory ``path``, ready to :meth:`run`
         (or :meth:`launch`): the guest continues where the snapshot paused it. ``disks``
         replaces the snapshot's disk paths in order (copies with their mtime preserved).
-        Raises SnapshotError if the snapshot is damaged or does not match this host and
+        ``prepared``: a VM made ahead for this snapshot (:class:`kvmm.pool.RestorePool`
+        hands them out). Raises SnapshotError if the snapshot is damaged or does not match this host and
         its disks."""
         started = time.monotonic()
         from .snapshot import config_from_saved, read_snapshot
@@ -148,7 +149,7 @@ class Machine:
         snap = read_snapshot(path, verify_memory=verify_memory, disk_paths=disks)
         config = config_from_saved(snap.manifest.config, console_path=console_path, stdin=stdin, host=host,
                                    api_socket=api_socket)
-        machine = cls(config, _restore=snap)
+        machine = cls(config, prepared=prepared, _restore=snap)  # owns ``prepared`` from here, built or not
         machine.restored_in = time.monotonic() - started  # start() updates it once the vCPUs run
         machine._restore_started = started
         return machine

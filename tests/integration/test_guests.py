@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_kvmm
+from kvmm import teardown
 from kvmm.errors import ConfigError
 from kvmm.vm import EXIT_DEBUG_BASE, Machine, Outcome, VmConfig
 from kvmm.x86 import prepare_vm
@@ -157,6 +158,7 @@ def test_machine_runs_on_a_prepared_vm(flat_images: Path) -> None:
     with Machine(config, prepared=prepared) as m:
         assert m.platform.vm is prepared.vm and m.platform.mem is prepared.mem
         assert m.run(timeout=30).outcome is Outcome.RESET
+    assert teardown.wait_idle(30)  # the VM's destroy runs off close()'s path (kvmm/teardown.py)
     assert prepared.vm.fd == -1 and prepared.kvm.fd == -1  # the machine owned and closed them
 
 
@@ -165,6 +167,7 @@ def test_machine_refuses_and_closes_a_prepared_vm_of_another_size(flat_images: P
     config = VmConfig(kernel=str(flat_images / "flat_reset.bin"), kernel_format="flat", mem_size=32 << 20)
     with pytest.raises(ConfigError, match="prepared VM has 16777216 bytes"):
         Machine(config, prepared=prepared)
+    assert teardown.wait_idle(30)
     assert prepared.vm.fd == -1 and prepared.kvm.fd == -1
 
 

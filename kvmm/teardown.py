@@ -1,0 +1,84 @@
+"""KVM objects released off the caller's path.
+
+Closing a VM fd makes the kernel destroy the VM, and on this kind of host that costs
+1-25 ms (measured, docs/performance.md "A fresh VM per test"): a VM destroyed within
+~15 ms of a KVM bus change (memslot, irqchip, PIT, ioeventfd) waits for an SRCU grace
+period. The waiting is the kernel's, not the CPU's, so a machine hands its VM's fds to
+one background thread here and returns; a test suite that restores a VM per test pays
+the destroy in parallel with its next test instead of in series.
+
+Bounded: at most ``MAX_PENDING`` VMs wait here; beyond that the caller closes its own
+(a process that closes VMs faster than the kernel destroys them must not accumulate fds
+and guest RAM). :func:`wait_idle` waits until every handed-over VM is gone (tests that
+count fds, a process about to fork).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from typing import Callable
+
+LOG = logging.getLogger(__name__)
+
+MAX_PENDING = 8
+
+_lock = threading.Condition()
+_pending: deque[Callable[[], None]] = deque()
+_busy = False
+_thread: threading.Thread | None = None
+
+
+def retire(close: Callable[[], None]) -> None:
+    """Run ``close`` (which releases KVM fds and never needs the caller's state) on the
+    teardown thread, or at once when that thread has ``MAX_PENDING`` waiting already."""
+    global _thread
+    with _lock:
+        if len(_pending) < MAX_PENDING:
+            _pending.append(close)
+            if _thread is None or not _thread.is_alive():
+                _thread = threading.Thread(target=_serve, name="kvmm-teardown", daemon=True)
+                _thread.start()
+            _lock.notify_all()
+            return
+    _run(close)
+
+
+def wait_idle(timeout: float | None = None) -> bool:
+    """Wait until every retired VM is closed; False if ``timeout`` seconds passed first."""
+    with _lock:
+        return _lock.wait_for(lambda: not _pending and not _busy, timeout)
+
+
+def pending() -> int:
+    """How many retired VMs are not closed yet (being closed included)."""
+    with _lock:
+        return len(_pending) + _busy
+
+
+def _serve() -> None:
+    global _busy
+    while True:
+        with _lock:
+            _busy = False
+            _lock.notify_all()
+            if not _lock.wait_for(lambda: bool(_pending), timeout=30.0):
+                _forget_thread()
+                return  # idle: a process done with VMs keeps no thread; retire() starts another
+            close = _pending.popleft()
+            _busy = True
+        _run(close)
+
+
+def _forget_thread() -> None:
+    global _thread
+    if _thread is threading.current_thread():
+        _thread = None
+
+
+def _run(close: Callable[[], None]) -> None:
+    try:
+        close()
+    except OSError as exc:  # closing a KVM fd does not fail in practice; never lose the thread to it
+        LOG.error("releasing a VM failed: %s", exc.strerror)
