@@ -88,8 +88,7 @@ class RestorePool:
 
     def _prepare_ahead(self) -> None:
         from .memory import GuestMemory
-        from .kvm.system import Kvm
-        from .x86 import PreparedVm, create_vm
+        from .x86 import vm_around
 
         while True:
             with self._cond:
@@ -99,17 +98,7 @@ class RestorePool:
             try:
                 # As Machine.restore builds one (kvmm/builder.py): RAM first, then the VM;
                 # a restored UART decides its own coalescing, so no coalesced zone here.
-                mem = GuestMemory.from_file(self.memory_path, self.mem_size)
-                try:
-                    kvm = Kvm()
-                    try:
-                        vm = PreparedVm(mem, kvm, create_vm(kvm, mem))
-                    except BaseException:
-                        kvm.close()
-                        raise
-                except BaseException:
-                    mem.close()
-                    raise
+                vm = vm_around(GuestMemory.from_file(self.memory_path, self.mem_size))
             except Exception as exc:  # surfaces in restore(): the pool cannot do its job
                 LOG.error("the restore pool for %s cannot prepare VMs: %s", self.path, exc)
                 with self._cond:

@@ -71,11 +71,7 @@ def kvmm_machine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cal
         log = tmp_path / f"console-{len(machines)}.log"
         if restore is not None:  # continue a snapshot: Machine.restore's keywords only
             options.setdefault("console_path", str(log))
-            m = Machine.restore(restore, **options)
-            machines.append((m, Path(options["console_path"])))
-            if launch:
-                m.launch(timeout)
-            return m
+            return _started(machines, Machine.restore(restore, **options), Path(options["console_path"]), launch, timeout)
         if "kernel" not in options:
             if not opts.kvmm_kernel:
                 raise pytest.UsageError("kvmm_machine needs kernel=... or --kvmm-kernel")
@@ -83,12 +79,21 @@ def kvmm_machine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cal
         if "disks" not in options and opts.kvmm_disk:
             options["disks"] = list(opts.kvmm_disk)
         options.setdefault("console_file", str(log))
-        m = Machine(config_from_options(**options))
-        machines.append((m, Path(options["console_file"])))
-        if launch:
-            m.launch(timeout)
-        return m
+        return _started(machines, Machine(config_from_options(**options)), Path(options["console_file"]), launch, timeout)
 
+    yield from _closing_at_the_end(request, machines, make)
+
+
+def _started(machines: list[tuple[Machine, Path]], m: Machine, log: Path, launch: bool,
+             timeout: float | None) -> Machine:
+    machines.append((m, log))
+    if launch:
+        m.launch(timeout)
+    return m
+
+
+def _closing_at_the_end(request: pytest.FixtureRequest, machines: list[tuple[Machine, Path]],
+                        make: Callable[..., Machine]) -> Iterator[Callable[..., Machine]]:
     request.node._kvmm_machines = machines  # for the report hook below
     yield make
     for m, _ in machines:
@@ -177,16 +182,9 @@ def kvmm_restored(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ca
     def make(snap: SessionSnapshot, launch: bool = True, timeout: float | None = None, **options: Any) -> Machine:
         log = tmp_path / f"console-{len(machines)}.log"
         options.setdefault("console_path", str(log))
-        m = snap.restore(tmp_path, **options)
-        machines.append((m, Path(options["console_path"])))
-        if launch:
-            m.launch(timeout)
-        return m
+        return _started(machines, snap.restore(tmp_path, **options), Path(options["console_path"]), launch, timeout)
 
-    request.node._kvmm_machines = machines  # for the report hook below
-    yield make
-    for m, _ in machines:
-        m.close()
+    yield from _closing_at_the_end(request, machines, make)
 
 
 @pytest.fixture

@@ -77,7 +77,12 @@ class PreparedVm(NamedTuple):
 def prepare_vm(mem_size: int, hugepages: bool = False, coalesce_uart: bool = False) -> PreparedVm:
     """Allocate guest RAM (the user's input is checked first) and create the VM for it
     (:func:`create_vm`; ``coalesce_uart`` as the machine's ``exitless``)."""
-    mem = GuestMemory.allocate(mem_size, hugepages)
+    return vm_around(GuestMemory.allocate(mem_size, hugepages), coalesce_uart)
+
+
+def vm_around(mem: GuestMemory, coalesce_uart: bool = False) -> PreparedVm:
+    """A VM made for ``mem`` (:func:`create_vm`), owning it from here: ``mem`` is closed
+    if the VM cannot be made."""
     try:
         kvm = Kvm()
         try:
