@@ -17,7 +17,6 @@ import signal
 import threading
 import time
 import weakref
-from collections import Counter
 from typing import TYPE_CHECKING, Any, Callable
 
 from . import __version__
@@ -29,7 +28,7 @@ from .errors import ConfigError, KvmmError, SnapshotError
 from .eventloop import EventLoop
 from .host import HostKind, detect_host
 from .vcpu import PvmRecovery, VcpuRunner
-from .watch import BootWatch
+from .watch import BootWatch, VmStats
 
 if TYPE_CHECKING:  # imported where used: a VM that never snapshots or serves a socket skips them
     from .api import ApiServer
@@ -56,30 +55,6 @@ def _weak(method: Callable[..., None]) -> Callable[..., None]:
             target(*args)
 
     return call
-
-
-class VmStats:
-    """Counters of one run: exits by kind, when the vCPUs started, the time to init."""
-
-    def __init__(self, runner: VcpuRunner, watch: BootWatch) -> None:
-        self._runner, self._watch = runner, watch
-
-    @property
-    def exit_kinds(self) -> Counter[type]:
-        return self._runner.exit_kinds
-
-    @property
-    def exits(self) -> Counter[str]:
-        """Exits to kvmm by exit name (IoExit, MmioExit, ...)."""
-        return Counter({kind.__name__: n for kind, n in self._runner.exit_kinds.items()})
-
-    @property
-    def started(self) -> float:
-        return self._watch.started
-
-    @property
-    def init_seconds(self) -> float | None:
-        return self._watch.init_seconds
 
 
 class Machine:

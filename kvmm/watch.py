@@ -13,10 +13,13 @@ import logging
 import re
 import threading
 import time
-from collections import deque
-from typing import Callable
+from collections import Counter, deque
+from typing import TYPE_CHECKING, Callable
 
 from .config import Outcome, VmResult
+
+if TYPE_CHECKING:
+    from .vcpu import VcpuRunner
 
 LOG = logging.getLogger(__name__)
 
@@ -103,3 +106,27 @@ class BootWatch:
                     raise TimeoutError(f"the guest did not write marker {value:#x} to port 0x80 within {timeout:g} s")
                 self._markers_cond.wait(min(left, 0.1))
             return self.first_marker[value]
+
+
+class VmStats:
+    """Counters of one run: exits by kind, when the vCPUs started, the time to init."""
+
+    def __init__(self, runner: VcpuRunner, watch: BootWatch) -> None:
+        self._runner, self._watch = runner, watch
+
+    @property
+    def exit_kinds(self) -> Counter[type]:
+        return self._runner.exit_kinds
+
+    @property
+    def exits(self) -> Counter[str]:
+        """Exits to kvmm by exit name (IoExit, MmioExit, ...)."""
+        return Counter({kind.__name__: n for kind, n in self._runner.exit_kinds.items()})
+
+    @property
+    def started(self) -> float:
+        return self._watch.started
+
+    @property
+    def init_seconds(self) -> float | None:
+        return self._watch.init_seconds
