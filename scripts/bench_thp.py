@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Transparent huge pages on guest RAM: measured, not assumed (docs/performance.md).
+"""Huge pages on guest RAM: measured, not assumed (docs/performance.md).
 
 kvmm maps guest RAM as private anonymous memory and does not madvise(MADV_HUGEPAGE) it;
 a host whose THP setting is "madvise" (Debian's default) then backs it with 4 KiB pages.
@@ -8,7 +8,11 @@ processes):
 
 - the host's cost of touching guest RAM, as the ELF loader's zero fill does (64 and
   256 MiB written into 512 MiB of guest RAM), and the AnonHugePages it ends with;
-- the start-up run of scripts/bench (flat image, 256 MiB): wall, CPU, peak RSS.
+- the start-up run of scripts/bench (flat image, 256 MiB): wall, CPU, peak RSS;
+
+each with madvise(MADV_HUGEPAGE), with no advice (kvmm), and, when the host has enough
+reserved huge pages (/proc/sys/vm/nr_hugepages: 512 MiB for the fills), with
+``--hugepages`` (hugetlbfs, MAP_HUGETLB).
 
     scripts/bench_thp.py [--python PY] [--runs 15]
 
@@ -36,7 +40,7 @@ ENV["PYTHONPATH"] = str(ROOT)
 ALLOCATE = """
 import mmap
 from kvmm.memory import GuestMemory
-mem = GuestMemory.allocate({size}, check_available=False)
+mem = GuestMemory.allocate({size}, hugepages={hugetlb}, check_available=False)
 if {advise}:
     mem._map.madvise(mmap.MADV_HUGEPAGE)
 """
@@ -68,17 +72,17 @@ sys.exit(run())
 """
 
 
-def fill(python: str, advise: bool, mib: int) -> tuple[float, float]:
-    out = subprocess.run([python, "-c", FILL.format(size=512 << 20, advise=advise, mib=mib)], env=ENV,
+def fill(python: str, advise: bool, mib: int, hugetlb: bool = False) -> tuple[float, float]:
+    out = subprocess.run([python, "-c", FILL.format(size=512 << 20, advise=advise, mib=mib, hugetlb=hugetlb)], env=ENV,
                          capture_output=True, text=True, check=True).stdout.split()
     return float(out[0]), int(out[1]) / 1024
 
 
-def start(python: str, advise: bool, image: Path) -> tuple[float, float, float]:
+def start(python: str, advise: bool, image: Path, hugetlb: bool = False) -> tuple[float, float, float]:
     rss = tempfile.NamedTemporaryFile()
     cmd = ["/usr/bin/time", "-q", "-f", "%M", "-o", rss.name, python, "-c", START.format(advise=advise),
            "-q", "--kernel", str(image), "--mem", "256M", "--console", "file:/dev/null", "--kernel-format", "flat",
-           "--no-rng"]
+           "--no-rng", *(["--hugepages"] if hugetlb else [])]
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, env=ENV, stdin=subprocess.DEVNULL)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -97,6 +101,13 @@ def main() -> None:
         subprocess.run([str(ROOT / "scripts" / "bench_guests" / "build.sh"), tmp], check=True, capture_output=True)
         image = Path(tmp) / "flat_reset.bin"
         cases = {}
+        free = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("HugePages_Free"))
+        if free * 2 >= 512:  # 2 MiB pages: the fills' 512 MiB of guest RAM
+            cases["fill 64 MiB, --hugepages"] = (lambda: fill(args.python, False, 64, True), ("s", "AnonHuge MiB"))
+            cases["fill 256 MiB, --hugepages"] = (lambda: fill(args.python, False, 256, True), ("s", "AnonHuge MiB"))
+            cases["start-up, --hugepages"] = (lambda: start(args.python, False, image, True), ("wall s", "CPU s", "RSS MiB"))
+        else:
+            print(f"bench_thp: {free} huge pages free, 256 needed: no --hugepages rows", file=sys.stderr)
         for advise in (True, False):
             how = "MADV_HUGEPAGE" if advise else "no advice (kvmm)"
             cases[f"fill 64 MiB, {how}"] = (lambda a=advise: fill(args.python, a, 64), ("s", "AnonHuge MiB"))
