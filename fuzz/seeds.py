@@ -28,42 +28,46 @@ class Input:
     """Builds one input: ``flags[1] features[4]``, then operations (targets._virtio)."""
 
     def __init__(self, msix: bool = False, features: int = 0) -> None:
-        self.data = bytearray([1 if msix else 0]) + features.to_bytes(4, "little")
+        self.buf = bytearray([1 if msix else 0]) + features.to_bytes(4, "little")
+
+    @property
+    def data(self) -> bytes:
+        return bytes(self.buf)
 
     def chain(self, queue: int, *descs: tuple, indirect: bool = False) -> Input:
         """A descriptor chain of ``(length, writable[, contents])``, published and kicked."""
-        self.data += bytes([4, queue, len(descs) - 1])
+        self.buf += bytes([4, queue, len(descs) - 1])
         for i, (length, writable, *contents) in enumerate(descs):
             flags = (1 if writable else 0) | (2 if indirect and i == 0 else 0)
-            self.data += struct.pack("<HB", length, flags)
+            self.buf += struct.pack("<HB", length, flags)
             if not writable:
                 body = contents[0] if contents else b""
                 assert len(body) <= 64 and len(body) <= length
-                self.data += bytes([len(body)]) + body
+                self.buf += bytes([len(body)]) + body
         return self
 
     def host_input(self, blob: bytes) -> Input:
-        self.data += bytes([5, len(blob)]) + blob
+        self.buf += bytes([5, len(blob)]) + blob
         return self
 
     def reg_read(self, offset: int, size: int) -> Input:
-        self.data += bytes([1, offset, (1, 2, 4).index(size)])
+        self.buf += bytes([1, offset, (1, 2, 4).index(size)])
         return self
 
     def reg_write(self, offset: int, size: int, value: int) -> Input:
-        self.data += bytes([0, offset, (1, 2, 4).index(size)]) + value.to_bytes(4, "little")
+        self.buf += bytes([0, offset, (1, 2, 4).index(size)]) + value.to_bytes(4, "little")
         return self
 
     def avail_idx(self, queue: int, value: int) -> Input:
-        self.data += bytes([6, queue, 1]) + value.to_bytes(2, "little")
+        self.buf += bytes([6, queue, 1]) + value.to_bytes(2, "little")
         return self
 
     def kick(self, queue: int) -> Input:
-        self.data += bytes([3, queue])
+        self.buf += bytes([3, queue])
         return self
 
     def restart(self) -> Input:
-        self.data += bytes([7])
+        self.buf += bytes([7])
         return self
 
 
@@ -142,7 +146,7 @@ def main() -> None:
         for old in corpus.glob("seed*"):
             old.unlink()
         for name, data in inputs.items():
-            (corpus / f"seed-{name}").write_bytes(bytes(data))
+            (corpus / f"seed-{name}").write_bytes(data)
         print(f"{target}: {len(inputs)} seeds")
 
 

@@ -185,8 +185,8 @@ class _Driver:
                 if _mem.contains(addr, len(contents)):
                     _mem.write(addr, contents)
             descs.append((addr, length, bool(flags & 1), nxt))
-        if indirect:
-            table, base, slots = self.alloc(16 * count), None, list(range(count))
+        if indirect:  # the chain in a table of its own, one ring descriptor pointing at it
+            table, slots = self.alloc(16 * count), list(range(count))
         else:
             table, base = desc, self.next_desc[q]
             slots = [(base + i) % size for i in range(count)]

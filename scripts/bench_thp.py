@@ -23,6 +23,7 @@ checkout). The virtio-blk case of scripts/bench has its own MADV_HUGEPAGE row.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import random
 import statistics
@@ -31,6 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
@@ -100,19 +102,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="kvmm-thp-") as tmp:
         subprocess.run([str(ROOT / "scripts" / "bench_guests" / "build.sh"), tmp], check=True, capture_output=True)
         image = Path(tmp) / "flat_reset.bin"
-        cases = {}
+        fill_cols, start_cols = ("s", "AnonHuge MiB"), ("wall s", "CPU s", "RSS MiB")
+        cases: dict[str, tuple[Callable[[], tuple[float, ...]], tuple[str, ...]]] = {}
         free = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("HugePages_Free"))
         if free * 2 >= 512:  # 2 MiB pages: the fills' 512 MiB of guest RAM
-            cases["fill 64 MiB, --hugepages"] = (lambda: fill(args.python, False, 64, True), ("s", "AnonHuge MiB"))
-            cases["fill 256 MiB, --hugepages"] = (lambda: fill(args.python, False, 256, True), ("s", "AnonHuge MiB"))
-            cases["start-up, --hugepages"] = (lambda: start(args.python, False, image, True), ("wall s", "CPU s", "RSS MiB"))
+            cases["fill 64 MiB, --hugepages"] = (functools.partial(fill, args.python, False, 64, True), fill_cols)
+            cases["fill 256 MiB, --hugepages"] = (functools.partial(fill, args.python, False, 256, True), fill_cols)
+            cases["start-up, --hugepages"] = (functools.partial(start, args.python, False, image, True), start_cols)
         else:
             print(f"bench_thp: {free} huge pages free, 256 needed: no --hugepages rows", file=sys.stderr)
         for advise in (True, False):
             how = "MADV_HUGEPAGE" if advise else "no advice (kvmm)"
-            cases[f"fill 64 MiB, {how}"] = (lambda a=advise: fill(args.python, a, 64), ("s", "AnonHuge MiB"))
-            cases[f"fill 256 MiB, {how}"] = (lambda a=advise: fill(args.python, a, 256), ("s", "AnonHuge MiB"))
-            cases[f"start-up, {how}"] = (lambda a=advise: start(args.python, a, image), ("wall s", "CPU s", "RSS MiB"))
+            cases[f"fill 64 MiB, {how}"] = (functools.partial(fill, args.python, advise, 64), fill_cols)
+            cases[f"fill 256 MiB, {how}"] = (functools.partial(fill, args.python, advise, 256), fill_cols)
+            cases[f"start-up, {how}"] = (functools.partial(start, args.python, advise, image), start_cols)
         results: dict[str, list[tuple[float, ...]]] = {name: [] for name in cases}
         order = list(cases)
         for name in order:  # warm-up
