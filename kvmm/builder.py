@@ -245,9 +245,9 @@ def _build(cfg: VmConfig, host: HostKind, loop: EventLoop, events: PlatformEvent
         kernel = initrd = None
         multiboot = False
         if snapshot is None:
-            kernel = read_image(cfg.kernel, "kernel")
+            kernel = read_image(cfg.kernel, "kernel", cfg.mem_size)
             multiboot = cfg.kernel_format == "multiboot" or (cfg.kernel_format == "auto" and is_multiboot(kernel))
-            initrd = read_image(cfg.initrd, "initrd") if cfg.initrd and not multiboot else None  # multiboot: modules
+            initrd = read_image(cfg.initrd, "initrd", cfg.mem_size) if cfg.initrd and not multiboot else None  # multiboot: modules
             p.cmdline = build_cmdline(cfg.cmdline, _default_cmdline(cfg), host.extra_cmdline)
         if prepared is not None and prepared.mem.size != cfg.mem_size:
             raise ConfigError(f"the prepared VM has {prepared.mem.size} bytes of RAM, the configuration {cfg.mem_size}")

@@ -45,12 +45,10 @@ class ConsoleOutput:
     def __init__(self, fd: int | None = None, path: str | None = None, keep_lines: int = 100) -> None:
         self._own_fd = False
         if path is not None:
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-            except OSError as exc:
-                from .errors import ConfigError
+            from .errors import ConfigError
+            from .files import open_output
 
-                raise ConfigError(f"cannot open console file {path!r}: {exc.strerror}") from None
+            fd = open_output(path, "console file", ConfigError)  # a FIFO with no reader: refused, not waited for
             self._own_fd = True
         self.fd = sys.stdout.fileno() if fd is None else fd
         self.lock = threading.Lock()

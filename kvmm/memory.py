@@ -8,6 +8,7 @@ silently truncates and wraps negative indices, so no other code slices the mappi
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import mmap
@@ -84,26 +85,54 @@ def _digest_chunk(digest: Any, off: int, data: bytes) -> None:
 def sparse_digest(fd: int, size: int) -> str:
     """SHA-256 over each nonzero :data:`SPARSE_CHUNK` of a memory file with its offset (8
     bytes, little-endian) before it: zero chunks are left out, so hashing costs what the
-    guest touched, and the file's holes are skipped unread (SEEK_DATA)."""
+    guest touched, and the file's holes are skipped unread (SEEK_DATA).
+
+    The digest is a function of the file's bytes alone, not of where its holes are: a
+    copy (``cp -a``, ``cp --sparse=never``, rsync) may punch holes at the file system's
+    block size (4 KiB) inside a chunk, or fill them. So holes only say where to look: a
+    chunk is always read and hashed whole, and every step moves past at least one chunk.
+    (The first version rounded a data offset down to its chunk, which could land in a
+    hole; SEEK_HOLE from there answered the same offset, and the loop never advanced:
+    issue 19.) Where the file system has no SEEK_DATA (EINVAL), every chunk is read."""
     import hashlib
 
     digest = hashlib.sha256()
     zero = bytes(SPARSE_CHUNK)
-    off = 0
+    off = 0  # the next chunk not yet hashed: always a multiple of SPARSE_CHUNK, only grows
     while off < size:
         try:
-            off = os.lseek(fd, off, os.SEEK_DATA) // SPARSE_CHUNK * SPARSE_CHUNK
-            end = os.lseek(fd, off, os.SEEK_HOLE)
-        except OSError:  # ENXIO: no data past off
-            break
-        while off < min(end, size):
-            data = os.pread(fd, min(SPARSE_CHUNK, size - off), off)
-            if not data:
+            data_at = os.lseek(fd, off, os.SEEK_DATA)  # >= off
+            # The hole after that data; no hole before EOF means EOF (lseek(2)).
+            data_end = os.lseek(fd, data_at, os.SEEK_HOLE)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data at or after off: the rest is holes (zeros)
                 break
+            if exc.errno != errno.EINVAL:  # EINVAL: no SEEK_DATA here; else a real read error
+                raise
+            data_at, data_end = off, size
+        start = data_at // SPARSE_CHUNK * SPARSE_CHUNK  # >= off, since off is chunk-aligned
+        end = min(-(-max(data_end, data_at + 1) // SPARSE_CHUNK) * SPARSE_CHUNK, size)  # round up, past data_at
+        for chunk in range(start, end, SPARSE_CHUNK):
+            data = _pread_full(fd, min(SPARSE_CHUNK, size - chunk), chunk)
             if data != zero[: len(data)]:
-                _digest_chunk(digest, off, data)
-            off += SPARSE_CHUNK
+                _digest_chunk(digest, chunk, data)
+        off = max(end, start + SPARSE_CHUNK)
     return digest.hexdigest()
+
+
+def _pread_full(fd: int, n: int, offset: int) -> bytes:
+    """``n`` bytes at ``offset`` (pread may return fewer); past the end of the file,
+    zeros (a file that shrank meanwhile: its digest then fails to match)."""
+    parts = []
+    while n > 0:
+        data = os.pread(fd, n, offset)
+        if not data:
+            parts.append(bytes(n))
+            break
+        parts.append(data)
+        n -= len(data)
+        offset += len(data)
+    return b"".join(parts)
 
 
 def _hugepages_free() -> tuple[int, int]:
@@ -170,10 +199,9 @@ class GuestMemory:
         """RAM of ``size`` bytes mapped privately (copy-on-write) from a snapshot's memory
         file: nothing is read up front, pages fault in from the page cache as the guest
         touches them, and guest writes never reach the file."""
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise SnapshotError(f"cannot open the snapshot memory {path}: {exc.strerror}") from None
+        from .files import open_input
+
+        fd = open_input(path, "snapshot memory", SnapshotError)  # a FIFO or device: refused, not waited on
         try:
             actual = os.fstat(fd).st_size
             if actual != size:

@@ -5,7 +5,9 @@ A snapshot directory holds three files (docs/snapshots.md):
 ``manifest.json``
     format name and version, the kvmm version, the machine's configuration (disks by
     path with their size and modification time), the size and SHA-256 of the other two
-    files, and a SHA-256 over the manifest itself.
+    files, and an HMAC-SHA256 over the manifest under this user's snapshot key
+    (kvmm/snapkey.py): the manifest names host files, so only one this user's kvmm wrote
+    is believed.
 ``state.json``
     every vCPU's KVM state, the in-kernel irqchip, PIT and kvmclock, and every device's
     state dataclass (:class:`MachineState`, through :mod:`kvmm.state`).
@@ -13,7 +15,7 @@ A snapshot directory holds three files (docs/snapshots.md):
     guest RAM, sparse: never-touched (all-zero) 64 KiB chunks are holes. A restore maps it
     privately (copy-on-write), so it reads nothing up front.
 
-Restore checks the manifest's checksum, format and kvmm version, both files' sizes, the
+Restore checks the manifest's format, its authentication code and kvmm version, both files' sizes, the
 state's checksum and the disks' size and modification time before it creates anything;
 the memory checksum only on request (it reads all of RAM). Values inside the state are
 then checked by each device as the matching guest write would be.
@@ -22,10 +24,13 @@ then checked by each device as the matching guest write would be.
 from __future__ import annotations
 
 import datetime
+import errno
+import fcntl
 import hashlib
 import json
 import logging
 import os
+import stat
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -37,15 +42,17 @@ from .devices.cmos import Cmos, CmosState
 from .devices.pci import PciBus, PciBusState
 from .devices.serial import Serial8250, SerialState
 from .errors import KvmError, SnapshotError
+from .files import open_input, read_file
 from .kvm.system import Vcpu, Vm
 from .memory import sparse_digest
+from .snapkey import key_path, load_key, sign, verify
 from .state import check_length, from_json, prepare, to_json
 from .virtio.pci_legacy import VirtioPciLegacy, VirtioTransportState
 
 LOG = logging.getLogger(__name__)
 
 FORMAT = "kvmm-snapshot"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest is authenticated (HMAC, kvmm/snapkey.py), not checksummed
 MANIFEST = "manifest.json"
 STATE = "state.json"
 MEMORY = "memory.bin"
@@ -174,15 +181,24 @@ class Manifest:
     config: SavedConfig
     state: FileEntry
     memory: FileEntry
-    checksum: str  # SHA-256 of the canonical JSON of the manifest with this field empty
+    hmac: str  # HMAC-SHA256 (this user's snapshot key) of the manifest's canonical JSON with this field empty
 
 
 def _canonical(data: Any) -> bytes:
     return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
 
 
-def _manifest_checksum(manifest_json: dict[str, Any]) -> str:
-    return hashlib.sha256(_canonical({**manifest_json, "checksum": ""})).hexdigest()
+def manifest_hmac(manifest_json: dict[str, Any], key: bytes) -> str:
+    """The authentication code of a manifest (as JSON data) under ``key``."""
+    return sign(key, _canonical({**manifest_json, "hmac": ""}))
+
+
+def sign_manifest(manifest_json: dict[str, Any]) -> dict[str, Any]:
+    """``manifest_json`` with its ``hmac`` made under this user's key (created if need
+    be): how kvmm itself seals a manifest it writes."""
+    from .snapkey import key_path, load_key, sign, verify
+
+    return {**manifest_json, "hmac": manifest_hmac(manifest_json, load_key(create=True))}
 
 
 # --- vCPU and VM state through KVM -------------------------------------------------------
@@ -293,15 +309,22 @@ def disk_identity(path: str, read_only: bool, serial: str | None) -> SavedDisk:
 def write_snapshot(target: str | os.PathLike[str], config: SavedConfig, state: MachineState,
                    save_memory: Callable[[int], tuple[int, str]]) -> Manifest:
     """Write a snapshot directory at ``target`` (which must not exist): into a temporary
-    directory beside it, fsync'd, then renamed, so a crash leaves no half snapshot."""
-    target = Path(target)
-    if target.exists():
-        raise SnapshotError(f"snapshot target {target} already exists")
-    if not target.parent.is_dir():
-        raise SnapshotError(f"snapshot target's directory {target.parent} does not exist")
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    directory beside it, fsync'd, then renamed, so a crash leaves no half snapshot. The
+    temporary directory is locked while it is written; one whose writer died (SIGKILL,
+    power loss) is removed by the next snapshot into the same directory."""
+    target = check_target(target)
+    tmp = target.with_name(f"{TMP_PREFIX}{target.name}{TMP_MARK}{os.getpid()}")
+    lock_fd = -1
     try:
-        tmp.mkdir()
+        if target.exists():
+            raise SnapshotError(f"snapshot target {target} already exists")
+        if not target.parent.is_dir():
+            raise SnapshotError(f"snapshot target's directory {target.parent} does not exist")
+        load_key(create=True)  # the key first: no half-written snapshot for want of it
+        remove_stale_temporaries(target.parent)
+        tmp.mkdir(mode=0o700)
+        lock_fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)  # held until the end: a live writer's directory is never stale
         state_bytes = _canonical(to_json(state))
         _write_file(tmp / STATE, state_bytes)
         fd = os.open(tmp / MEMORY, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -315,20 +338,104 @@ def write_snapshot(target: str | os.PathLike[str], config: SavedConfig, state: M
             os.uname().nodename, config, FileEntry(len(state_bytes), hashlib.sha256(state_bytes).hexdigest()),
             FileEntry(config.mem_size, memory_digest), "",
         )
-        data = to_json(manifest)
-        data["checksum"] = _manifest_checksum(data)
-        manifest = replace(manifest, checksum=data["checksum"])
+        data = sign_manifest(to_json(manifest))
+        manifest = replace(manifest, hmac=data["hmac"])
         _write_file(tmp / MANIFEST, json.dumps(data, indent=1, sort_keys=True).encode() + b"\n")
         os.rename(tmp, target)
         _fsync_dir(target.parent)
     except OSError as exc:
         raise SnapshotError(f"cannot write snapshot {target}: {exc.strerror or exc}") from None
     finally:
-        if tmp.exists():
-            for f in tmp.iterdir():
-                f.unlink()
-            tmp.rmdir()
+        try:
+            if tmp.exists():
+                _remove_temporary(tmp)
+        finally:
+            if lock_fd >= 0:
+                os.close(lock_fd)
     return manifest
+
+
+TMP_PREFIX, TMP_MARK = ".", ".tmp-"  # a snapshot being written: .NAME.tmp-PID beside NAME
+_SNAPSHOT_FILES = frozenset((MANIFEST, STATE, MEMORY))
+
+
+def check_target(target: str | os.PathLike[str]) -> Path:
+    """The snapshot target as a Path, or SnapshotError for a name no file system takes
+    (a NUL byte; a last component over NAME_MAX bytes, with room for the temporary
+    name's prefix and suffix)."""
+    try:
+        raw = os.fsencode(target)
+    except (TypeError, UnicodeError) as exc:
+        raise SnapshotError(f"snapshot target {target!r:.80}: not a path ({exc})") from None
+    if b"\0" in raw:
+        raise SnapshotError(f"snapshot target {os.fsdecode(raw)!r:.200}: a path may not contain a NUL byte")
+    path = Path(os.fsdecode(raw))
+    if not path.name:
+        raise SnapshotError(f"snapshot target {os.fsdecode(raw)!r:.200} names no directory")
+    longest = 255 - len(TMP_PREFIX) - len(TMP_MARK) - 10  # NAME_MAX, less ".", ".tmp-" and a PID
+    if len(os.fsencode(path.name)) > longest:
+        raise SnapshotError(f"snapshot target name {path.name[:40]!r}... is {len(os.fsencode(path.name))} bytes: "
+                            f"at most {longest} (file names are at most 255 bytes)")
+    return path
+
+
+def _remove_temporary(tmp: Path) -> None:
+    """Remove a snapshot's temporary directory, which holds only the snapshot's files."""
+    for f in tmp.iterdir():
+        if f.name in _SNAPSHOT_FILES:
+            f.unlink()
+    tmp.rmdir()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(parent: Path) -> list[Path]:
+    """Remove the temporary snapshot directories in ``parent`` whose writer is gone:
+    named ``.NAME.tmp-PID`` with PID not a live process, not locked (a writer holds an
+    exclusive flock on its directory until it ends, whatever its PID namespace), and
+    holding nothing but snapshot files. A SIGKILLed snapshot leaves up to all of guest
+    RAM there; anything else is left alone. Returns what was removed."""
+    removed = []
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        name = entry.name
+        if not name.startswith(TMP_PREFIX) or TMP_MARK not in name:
+            continue
+        pid_text = name.rsplit(TMP_MARK, 1)[1]
+        if not pid_text.isdigit() or int(pid_text) == os.getpid() or _pid_alive(int(pid_text)):
+            continue
+        try:
+            if not entry.is_dir(follow_symlinks=False):
+                continue
+            fd = os.open(entry.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            path = Path(entry.path)
+            if not {f.name for f in path.iterdir()} <= _SNAPSHOT_FILES:
+                LOG.warning("snapshot: %s looks like a stale temporary snapshot but holds other files: left alone", path)
+                continue
+            _remove_temporary(path)
+            removed.append(path)
+            LOG.info("snapshot: removed %s, left by process %s which ended mid-snapshot", path, pid_text)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                LOG.warning("snapshot: cannot remove the stale temporary %s: %s", entry.path, exc.strerror)
+        finally:
+            os.close(fd)
+    return removed
 
 
 def _write_file(path: Path, data: bytes) -> None:
@@ -351,14 +458,8 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _read_limited(path: Path, limit: int, what: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            data = f.read(limit + 1)
-    except OSError as exc:
-        raise SnapshotError(f"cannot read the snapshot {what} {path}: {exc.strerror}") from None
-    if len(data) > limit:
-        raise SnapshotError(f"snapshot {what} {path} is larger than {limit} bytes")
-    return data
+    """A snapshot file: regular, opened without blocking, at most ``limit`` bytes."""
+    return read_file(path, f"snapshot {what}", limit, SnapshotError)
 
 
 @dataclass
@@ -375,19 +476,30 @@ class Snapshot:
 
 
 def read_snapshot(path: str | os.PathLike[str], verify_memory: bool = False,
-                  disk_paths: list[str] | None = None) -> Snapshot:
+                  disk_paths: list[str] | None = None, key: bytes | None = None) -> Snapshot:
     """Read and check a snapshot directory; raises SnapshotError naming the first problem.
 
     ``disk_paths`` replaces the snapshot's disk paths, in order (a copy of each disk made
     with its modification time preserved, so that several VMs restore one snapshot); the
-    copies must match the size and modification time the snapshot recorded."""
+    copies must match the size and modification time the snapshot recorded. ``key``:
+    the snapshot key to authenticate the manifest with (default: this user's,
+    kvmm/snapkey.py)."""
+    if "\0" in os.fsdecode(path):
+        raise SnapshotError(f"snapshot path {os.fsdecode(path)!r:.200}: a path may not contain a NUL byte")
     path = Path(path)
-    if not path.is_dir():
+    try:
+        is_dir = stat.S_ISDIR(os.stat(path).st_mode)
+    except OSError as exc:  # ENOENT, ENAMETOOLONG, ELOOP, EACCES...
+        raise SnapshotError(f"{path} is not a snapshot directory: {exc.strerror}") from None
+    if not is_dir:
         raise SnapshotError(f"{path} is not a snapshot directory")
-    identity = _files_identity(path)
+    if key is None:
+        key = load_key()
+    # A cached read counts only for the key it was authenticated with.
+    identity = _files_identity(path, key)
     cached = _read_cache.get((identity, verify_memory)) or (_read_cache.get((identity, True)) if identity else None)
     if cached is None:
-        cached = _read_checked(path, verify_memory)
+        cached = _read_checked(path, verify_memory, key)
         if identity is not None:
             if len(_read_cache) >= READ_CACHE_SIZE:
                 _read_cache.pop(next(iter(_read_cache)))
@@ -396,6 +508,8 @@ def read_snapshot(path: str | os.PathLike[str], verify_memory: bool = False,
     if disk_paths is not None:
         if len(disk_paths) != len(manifest.config.disks):
             raise SnapshotError(f"the snapshot has {len(manifest.config.disks)} disk(s), {len(disk_paths)} path(s) were given")
+        if any("\0" in p for p in disk_paths):
+            raise SnapshotError("a disk path given for the restore contains a NUL byte")
         disks = [replace(d, path=os.path.abspath(p)) for d, p in zip(manifest.config.disks, disk_paths)]
         manifest = replace(manifest, config=replace(manifest.config, disks=disks))
     _check_disks(manifest.config)
@@ -404,22 +518,25 @@ def read_snapshot(path: str | os.PathLike[str], verify_memory: bool = False,
 
 # Restoring one snapshot many times (a fresh VM per test) parses and checks its files
 # once: a restore re-reads them only when one of them changed identity (inode, size,
-# modification or change time), which a stat per file tells. What a restore checks each
-# time is what differs per restore: the disks it is given. Devices copy what they load
-# from the state, so one parsed state serves every restore (tests/test_snapshot.py).
+# modification or change time), which a stat per file tells, or the key changed. What a
+# restore checks each time is what differs per restore: the disks it is given. Devices
+# copy what they load from the state, so one parsed state serves every restore
+# (tests/test_snapshot.py).
 READ_CACHE_SIZE = 16
-_read_cache: dict[tuple[tuple[tuple[int, ...], ...] | None, bool], tuple[Manifest, MachineState]] = {}
+_Identity = tuple[tuple[tuple[int, ...], ...], bytes]
+_read_cache: dict[tuple[_Identity | None, bool], tuple[Manifest, MachineState]] = {}
 
 
-def _files_identity(path: Path) -> tuple[tuple[int, ...], ...] | None:
+def _files_identity(path: Path, key: bytes) -> _Identity | None:
     try:
         stats = [os.stat(path / name) for name in (MANIFEST, STATE, MEMORY)]
     except OSError:
         return None  # read_snapshot's own checks name the problem
-    return tuple((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) for st in stats)
+    files = tuple((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) for st in stats)
+    return files, hashlib.sha256(key).digest()
 
 
-def _read_checked(path: Path, verify_memory: bool) -> tuple[Manifest, MachineState]:
+def _read_checked(path: Path, verify_memory: bool, key: bytes) -> tuple[Manifest, MachineState]:
     """The snapshot's manifest and state, every file-level check passed (disks aside)."""
     raw = _read_limited(path / MANIFEST, MAX_MANIFEST_BYTES, "manifest")
     try:
@@ -430,36 +547,46 @@ def _read_checked(path: Path, verify_memory: bool) -> tuple[Manifest, MachineSta
         raise SnapshotError(f"{path / MANIFEST} is not a kvmm snapshot manifest")
     if data.get("version") != FORMAT_VERSION:
         raise SnapshotError(f"snapshot format version {data.get('version')!r:.20} is not supported (this kvmm reads version {FORMAT_VERSION})")
-    if not isinstance(data.get("checksum"), str) or data["checksum"] != _manifest_checksum(data):
-        raise SnapshotError(f"snapshot manifest {path / MANIFEST} fails its checksum: it was modified or damaged")
+    _authenticate(path / MANIFEST, data, key)
     manifest = from_json(Manifest, data, "manifest")
     if manifest.kvmm_version != __version__:
         raise SnapshotError(f"the snapshot was made by kvmm {manifest.kvmm_version}, this is kvmm {__version__}: "
                             "restore it with the same version")
     _check_config(manifest.config)
     memory = path / MEMORY
+    memory_fd = open_input(memory, "snapshot memory", SnapshotError)  # a FIFO or device: refused, not waited on
     try:
-        memory_size = memory.stat().st_size
-    except OSError as exc:
-        raise SnapshotError(f"snapshot memory {memory}: {exc.strerror}") from None
-    if memory_size != manifest.memory.size:
-        raise SnapshotError(f"snapshot memory {memory} is {memory_size} bytes, the manifest says {manifest.memory.size} (truncated?)")
-    state_raw = _read_limited(path / STATE, MAX_STATE_BYTES, "state")
-    if len(state_raw) != manifest.state.size or hashlib.sha256(state_raw).hexdigest() != manifest.state.sha256:
-        raise SnapshotError(f"snapshot state {path / STATE} does not match the manifest's size and checksum: "
-                            "it was modified, truncated or damaged")
-    try:
-        state = from_json(MachineState, json.loads(state_raw), "state")
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise SnapshotError(f"snapshot state {path / STATE} is not valid JSON: {exc}") from None
-    if len(state.vcpus) != manifest.config.cpus:
-        raise SnapshotError(f"the snapshot state has {len(state.vcpus)} vCPUs, its configuration {manifest.config.cpus}")
-    if verify_memory:
-        with open(memory, "rb") as f:
-            digest = sparse_digest(f.fileno(), memory_size)
-        if digest != manifest.memory.sha256:
+        memory_size = os.fstat(memory_fd).st_size
+        if memory_size != manifest.memory.size:
+            raise SnapshotError(f"snapshot memory {memory} is {memory_size} bytes, the manifest says "
+                                f"{manifest.memory.size} (truncated?)")
+        state_raw = _read_limited(path / STATE, MAX_STATE_BYTES, "state")
+        if len(state_raw) != manifest.state.size or hashlib.sha256(state_raw).hexdigest() != manifest.state.sha256:
+            raise SnapshotError(f"snapshot state {path / STATE} does not match the manifest's size and checksum: "
+                                "it was modified, truncated or damaged")
+        try:
+            state = from_json(MachineState, json.loads(state_raw), "state")
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            raise SnapshotError(f"snapshot state {path / STATE} is not valid JSON: {exc}") from None
+        if len(state.vcpus) != manifest.config.cpus:
+            raise SnapshotError(f"the snapshot state has {len(state.vcpus)} vCPUs, its configuration {manifest.config.cpus}")
+        if verify_memory and sparse_digest(memory_fd, manifest.memory.size) != manifest.memory.sha256:
             raise SnapshotError(f"snapshot memory {memory} fails its checksum: it was modified or damaged")
+    finally:
+        os.close(memory_fd)
     return manifest, state
+
+
+def _authenticate(where: Path, data: dict[str, Any], key: bytes) -> None:
+    """The manifest's HMAC must verify under this user's key (kvmm/snapkey.py): the
+    manifest decides which host files a restore opens (the disks, read-write), so one
+    that this user's kvmm did not write is refused before any of it is believed."""
+    code = data.get("hmac")
+    if not isinstance(code, str):
+        raise SnapshotError(f"snapshot manifest {where} has no authentication code")
+    if not verify(key, _canonical({**data, "hmac": ""}), code):
+        raise SnapshotError(f"snapshot manifest {where} fails its authentication with the snapshot key {key_path()}: "
+                            "it was modified or damaged, or made by another user's or host's kvmm")
 
 
 def _check_config(cfg: SavedConfig) -> None:
@@ -478,6 +605,8 @@ def _check_config(cfg: SavedConfig) -> None:
 def _check_disks(cfg: SavedConfig) -> None:
     """Each disk unchanged since the snapshot (size and modification time)."""
     for d in cfg.disks:
+        if "\0" in d.path or not os.path.isabs(d.path):
+            raise SnapshotError(f"snapshot disk {d.path!r:.200}: not an absolute path")
         try:
             st = os.stat(d.path)
         except OSError as exc:

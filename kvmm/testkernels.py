@@ -43,7 +43,7 @@ def boot_multiboot(mem: GuestMemory, kernel: bytes, cfg: VmConfig) -> tuple[Boot
     ``multiboot_info`` address (EBX at entry)."""
     cmdline = multiboot_cmdline(cfg.kernel, cfg.cmdline)
     specs = mb.parse_modules(cfg.initrd, cfg.modules)
-    modules = [mb.Module(read_image(spec.split(" ", 1)[0], "multiboot module"), spec) for spec in specs]
+    modules = [mb.Module(read_image(spec.split(" ", 1)[0], "multiboot module", mem.size), spec) for spec in specs]
     boot = mb.load_multiboot(mem, kernel, cmdline, modules, name=cfg.kernel)
     return BootInfo("multiboot", boot.entry, boot.info, boot.kernel_end, None), cmdline
 

@@ -322,8 +322,9 @@ class Machine:
         return self.loop.call(lambda: self._snapshot(path))  # type: ignore[no-any-return]
 
     def _snapshot(self, path: str | os.PathLike[str]) -> dict[str, Any]:
-        from .snapshot import saved_config, write_snapshot
+        from .snapshot import check_target, saved_config, write_snapshot
 
+        check_target(path)  # a name no file system takes (a NUL, too long): refused before the pause
         cfg, boot = self.config, self.platform.boot
         if cfg.debug_exit or cfg.pc_testdev or cfg.cpu_features or (boot is not None and boot.kind == "multiboot"):
             # kvmm/testkernels.py: a snapshot does not record these (yet); a restore would lack them.

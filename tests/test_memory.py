@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import mmap
+import os
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -149,3 +153,104 @@ def test_sparse_save_stores_touched_chunks_and_its_digest_matches_the_file(tmp_p
         assert sparse_digest(f.fileno(), 8 << 20) != digest
     restored = GuestMemory.from_file(str(path), 8 << 20)
     assert restored.read(0x1234, 4) == b"boot" and restored.read(7 << 20, 1) == b"\x01"
+
+
+# --- the snapshot memory digest and the file's hole layout (issue 19, defect 1) -----------
+SPARSE_SIZE = 1 << 20
+# Data that does not start or end on a 64 KiB chunk: a copy can put a 4 KiB hole in
+# front of it inside its chunk, which is what made the first digest loop forever.
+SPARSE_DATA = [(0x1_2000, b"\xab" * 0x1000), (0x3_F000, b"\xcd" * 0x2000), (0xF_F000, b"\xef" * 0x1000)]
+
+
+def _layout_explicit(path) -> None:  # type: ignore[no-untyped-def]
+    """Every byte written, zeros included: no holes at all."""
+    image = bytearray(SPARSE_SIZE)
+    for off, data in SPARSE_DATA:
+        image[off : off + len(data)] = data
+    path.write_bytes(bytes(image))
+
+
+def _layout_truncated(path) -> None:  # type: ignore[no-untyped-def]
+    """ftruncate, then only the data: holes at the file system's block size around it."""
+    with open(path, "wb") as f:
+        f.truncate(SPARSE_SIZE)
+        for off, data in SPARSE_DATA:
+            f.seek(off)
+            f.write(data)
+
+
+def _layout_punched(path) -> None:  # type: ignore[no-untyped-def]
+    """Written in full, then every all-zero 4 KiB block punched out (what cp -a and
+    fallocate --dig-holes make of a snapshot), and a hole at the very start."""
+    _layout_explicit(path)
+    data = path.read_bytes()
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        for off in range(0, SPARSE_SIZE, 4096):
+            if data[off : off + 4096] == bytes(4096):
+                if libc.fallocate(fd, 3, ctypes.c_long(off), ctypes.c_long(4096)) != 0:  # PUNCH_HOLE|KEEP_SIZE
+                    pytest.skip(f"fallocate(PUNCH_HOLE) is not supported here: errno {ctypes.get_errno()}")
+    finally:
+        os.close(fd)
+
+
+def _layout_cp_sparse(path) -> None:  # type: ignore[no-untyped-def]
+    """The explicit file copied with cp --sparse=always (as cp -a of a sparse file)."""
+    src = path.with_suffix(".src")
+    _layout_explicit(src)
+    subprocess.run(["cp", "--sparse=always", str(src), str(path)], check=True)
+
+
+def _digest_in_child(path) -> str:  # type: ignore[no-untyped-def]
+    """sparse_digest of ``path`` in a child process, which must finish within 30 s (the
+    defect was an endless loop: the test must fail, not hang)."""
+    code = ("import os, sys; from kvmm.memory import sparse_digest; "
+            "fd = os.open(sys.argv[1], os.O_RDONLY); print(sparse_digest(fd, os.fstat(fd).st_size))")
+    try:
+        res = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=30,
+                             cwd=Path(__file__).resolve().parents[1])
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"sparse_digest of {path} did not end within 30 s")
+    assert res.returncode == 0, res.stderr
+    return res.stdout.strip()
+
+
+def test_sparse_digest_does_not_depend_on_the_hole_layout_and_always_ends(tmp_path: Path) -> None:
+    import hashlib
+
+    from kvmm.memory import SPARSE_CHUNK
+
+    # The digest's definition, over the bytes: each nonzero 64 KiB chunk after its offset.
+    image = bytearray(SPARSE_SIZE)
+    for off, data in SPARSE_DATA:
+        image[off : off + len(data)] = data
+    expected = hashlib.sha256()
+    for off in range(0, SPARSE_SIZE, SPARSE_CHUNK):
+        if any(image[off : off + SPARSE_CHUNK]):
+            expected.update(off.to_bytes(8, "little") + image[off : off + SPARSE_CHUNK])
+    digests = {}
+    for layout in (_layout_explicit, _layout_truncated, _layout_punched, _layout_cp_sparse):
+        path = tmp_path / layout.__name__
+        layout(path)
+        assert path.read_bytes() == image
+        digests[layout.__name__] = _digest_in_child(path)
+    assert set(digests.values()) == {expected.hexdigest()}, digests
+
+
+def test_sparse_digest_matches_what_save_sparse_wrote(tmp_path: Path) -> None:
+    m = GuestMemory.allocate(2 << 20, check_available=False)
+    try:
+        m.write(0x1_2345, b"guest")
+        m.write(0x1F_FFFF, b"!")
+        path = tmp_path / "memory.bin"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            _written, digest = m.save_sparse(fd)
+        finally:
+            os.close(fd)
+    finally:
+        m.close()
+    assert _digest_in_child(path) == digest

@@ -49,16 +49,13 @@ def is_multiboot(image: bytes) -> bool:
     return find_multiboot_header(image) is not None
 
 
-def read_image(path: str, what: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except FileNotFoundError:
-        raise KernelImageError(f"{what} {path!r} does not exist") from None
-    except IsADirectoryError:
-        raise KernelImageError(f"{what} {path!r} is a directory") from None
-    except OSError as exc:
-        raise KernelImageError(f"cannot read {what} {path!r}: {exc.strerror}") from None
+def read_image(path: str, what: str, limit: int) -> bytes:
+    """The kernel, initrd or module at ``path``: a regular file of at most ``limit``
+    bytes (the guest's RAM: nothing larger can be loaded), opened without blocking
+    (kvmm/files.py). A FIFO, a device (``/dev/zero``) or a larger file: KernelImageError."""
+    from ..files import read_file
+
+    return read_file(path, what, limit, KernelImageError)
 
 
 # A flat binary is loaded and entered where kvmtool puts one: 1000:0000 in real mode.

@@ -19,6 +19,7 @@ import struct
 from dataclasses import dataclass
 
 from ..errors import DiskError
+from ..files import file_size, open_input
 from ..ratelimit import RateLimitedLog
 from ..memory import GuestMemory
 from .chain_io import Writer
@@ -56,18 +57,10 @@ class RawDisk:
     def __init__(self, path: str, read_only: bool = False, serial: str | None = None) -> None:
         self.path = path
         self.read_only = read_only
-        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
-        try:
-            self.fd = os.open(path, flags)
-        except FileNotFoundError:
-            raise DiskError(f"disk {path!r} does not exist") from None
-        except IsADirectoryError:
-            raise DiskError(f"disk {path!r} is a directory") from None
-        except PermissionError:
-            how = "read-write (add ,ro to open it read-only)" if not read_only else "for reading"
-            raise DiskError(f"disk {path!r} cannot be opened {how}: permission denied") from None
-        except OSError as exc:
-            raise DiskError(f"cannot open disk {path!r}: {exc.strerror}") from None
+        # Non-blocking open and fstat (kvmm/files.py): a FIFO or a character device is no
+        # disk, and opening one must not stall kvmm.
+        how = "for reading" if read_only else "read-write (add ,ro to open it read-only)"
+        self.fd = open_input(path, "disk", DiskError, write=not read_only, block_device=True, denied=how)
         try:
             fcntl.flock(self.fd, (fcntl.LOCK_SH if read_only else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except OSError as exc:
@@ -75,7 +68,7 @@ class RawDisk:
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
                 raise DiskError(f"disk {path!r} is in use by another process (it holds the image's lock)") from None
             raise DiskError(f"cannot lock disk {path!r}: {exc.strerror}") from None
-        size = os.fstat(self.fd).st_size
+        size = file_size(self.fd)
         if size % SECTOR_SIZE:
             LOG.warning("disk %s: size %d is not a multiple of %d; the last partial sector is not visible",
                         path, size, SECTOR_SIZE)

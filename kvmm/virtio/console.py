@@ -77,10 +77,9 @@ class PortSink:
     def __init__(self, port: PortConfig) -> None:
         self.own = port.path is not None
         if port.path is not None:
-            try:
-                self.fd = os.open(port.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-            except OSError as exc:
-                raise ConfigError(f"cannot open console port file {port.path!r}: {exc.strerror}") from None
+            from ..files import open_output
+
+            self.fd = open_output(port.path, "console port file", ConfigError)
         elif port.fd is not None:
             self.fd = port.fd
         else:

@@ -22,7 +22,8 @@ import pytest
 
 from kvmm import Machine, Outcome, VmResult
 from kvmm.api import request
-from kvmm.snapshot import _manifest_checksum
+from kvmm.snapkey import load_key
+from kvmm.snapshot import manifest_hmac
 
 from conftest import run_kvmm
 
@@ -201,7 +202,7 @@ def restore_refused(snap: Path, disk: Path, *extra: str) -> str:
 def rewrite_manifest(snap: Path, change) -> None:  # type: ignore[no-untyped-def]
     data = json.loads((snap / "manifest.json").read_text())
     change(data)
-    data["checksum"] = _manifest_checksum(data)
+    data["hmac"] = manifest_hmac(data, load_key())  # as this user's kvmm would
     (snap / "manifest.json").write_text(json.dumps(data))
 
 
@@ -228,7 +229,7 @@ def test_manifest_checksum_mismatch_is_refused(paused_snapshot: tuple[Path, Path
     data = json.loads((snap_copy / "manifest.json").read_text())
     data["config"]["mem_size"] *= 2
     (snap_copy / "manifest.json").write_text(json.dumps(data))
-    assert "fails its checksum" in restore_refused(snap_copy, disk_of(snap_copy))
+    assert "fails its authentication" in restore_refused(snap_copy, disk_of(snap_copy))
 
 
 def test_manifest_not_json_is_refused(paused_snapshot: tuple[Path, Path], snap_copy: Path) -> None:
@@ -249,8 +250,8 @@ def test_other_kvmm_version_is_refused(paused_snapshot: tuple[Path, Path], snap_
 
 
 def test_other_format_version_is_refused(paused_snapshot: tuple[Path, Path], snap_copy: Path) -> None:
-    rewrite_manifest(snap_copy, lambda m: m.update(version=2))
-    assert "format version 2 is not supported" in restore_refused(snap_copy, disk_of(snap_copy))
+    rewrite_manifest(snap_copy, lambda m: m.update(version=1))
+    assert "format version 1 is not supported" in restore_refused(snap_copy, disk_of(snap_copy))
 
 
 def test_truncated_memory_is_refused(paused_snapshot: tuple[Path, Path], snap_copy: Path) -> None:
