@@ -47,7 +47,7 @@ class ApiServer:
         self.path = path
         _claim(path)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-        old_umask = os.umask(0o077)
+        old_umask = os.umask(0o177)  # a socket is made 0777 & ~umask: 0600, as documented
         try:
             self.sock.bind(path)
         except OSError as exc:

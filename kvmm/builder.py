@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 from typing import TYPE_CHECKING, Callable, cast
 
 from . import layout, teardown, x86
@@ -309,6 +310,30 @@ def _check(cfg: VmConfig) -> None:
         raise ConfigError(f"unknown console device {cfg.console_device!r}: expected serial or virtio")
     if cfg.kernel_format == "flat" and cfg.initrd:
         raise ConfigError("a flat image takes no --initrd")
+    try:
+        cfg.cmdline.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a byte the locale could not decode (argv's surrogateescape)
+        bad = cfg.cmdline[exc.start].encode("utf-8", "surrogateescape")
+        raise ConfigError(f"--cmdline has a byte that is not UTF-8 ({bad.hex()} at {exc.start}): "
+                          "give the kernel command line as UTF-8 text") from None
+    if cfg.api_socket is not None:
+        check_socket_path(cfg.api_socket)
+
+
+# sockaddr_un's sun_path is 108 bytes, the last for the terminating NUL (unix(7)).
+SUN_PATH_MAX = 107
+
+
+def check_socket_path(path: str) -> None:
+    """A control socket path that bind() can take: not empty, no NUL, at most 107 bytes."""
+    if not path:
+        raise ConfigError("the control socket path (--api-sock) is empty")
+    raw = os.fsencode(path)
+    if b"\0" in raw:
+        raise ConfigError(f"the control socket path {path!r:.200} contains a NUL byte")
+    if len(raw) > SUN_PATH_MAX:
+        raise ConfigError(f"the control socket path {path[:60]!r}... is {len(raw)} bytes; a Unix socket's path "
+                          f"may be at most {SUN_PATH_MAX} (use a shorter or relative path)")
 
 
 def _default_cmdline(cfg: VmConfig) -> tuple[str, ...]:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
 import re
+import signal
 import sys
 import threading
 import types
@@ -49,7 +51,8 @@ import logging  # noqa: E402
 
 from . import __version__  # noqa: E402
 from .defaults import (  # noqa: E402
-    CONSOLE_DEVICES, DEFAULT_CMDLINE, EXIT_CTL_UNREACHABLE, EXIT_SMOKE_ENDED, EXIT_STATUSES, KERNEL_FORMATS,
+    CONSOLE_DEVICES, DEFAULT_CMDLINE, EXIT_CTL_UNREACHABLE, EXIT_SMOKE_ENDED, EXIT_STATUSES, EXIT_USAGE, EXIT_VMM_ERROR,
+    KERNEL_FORMATS,
 )
 from .errors import KvmmError  # noqa: E402
 
@@ -123,9 +126,12 @@ a CI job (GitHub Actions):
 
 class _Parser(argparse.ArgumentParser):
     """argparse's parser with its epilog made when help is printed (the exit status
-    table is formatted for --help only, not at every start)."""
+    table is formatted for --help only, not at every start), and its usage errors as
+    every kvmm error is (README): one line, ``kvmm: error: ...``, status 2. argparse
+    would print the whole usage block first, under the sub-command's own prefix."""
 
     def __init__(self, *args: Any, epilog_maker: Callable[[], str] | None = None, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
         super().__init__(*args, **kwargs)
         self.epilog_maker = epilog_maker
 
@@ -133,6 +139,36 @@ class _Parser(argparse.ArgumentParser):
         if self.epilog_maker is not None:
             self.epilog = self.epilog_maker()
         return super().format_help()
+
+    def error(self, message: str) -> NoReturn:
+        message = " ".join(message.split())  # one line, whatever argparse put together
+        self.exit(EXIT_USAGE, f"kvmm: error: {message} ('{self.prog} --help' for usage)\n")
+
+
+def _seconds(text: str) -> float:
+    """A number of seconds for --timeout: finite and positive (float() takes 'nan' and
+    'inf', and a NaN deadline compares false with every time: it would never pass)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, not {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds above 0, not {text!r}")
+    return value
+
+
+def _regex(text: str) -> re.Pattern[bytes]:
+    """--expect: a regular expression, compiled now so a bad one is a usage error."""
+    try:
+        return re.compile(os.fsencode(text))
+    except re.error as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a valid regular expression: {exc}") from None
+
+
+def _nonempty(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("expected a path, not an empty string")
+    return text
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -162,7 +198,8 @@ def build_parser(prog: str = "kvmm", smoke: bool = False) -> argparse.ArgumentPa
         formatter_class=_HelpFormatter,
     )
     if smoke:
-        p.add_argument("--expect", required=True, metavar="REGEX", help="the console line (a regex) that means success")
+        p.add_argument("--expect", required=True, type=_regex, metavar="REGEX",
+                       help="the console line (a regex) that means success")
     p.add_argument("--kernel", metavar="PATH", help="kernel image: ELF vmlinux or bzImage (x86-64)")
     if not smoke:
         p.add_argument("--restore", metavar="DIR", help="continue the VM saved in a snapshot directory "
@@ -185,7 +222,7 @@ def build_parser(prog: str = "kvmm", smoke: bool = False) -> argparse.ArgumentPa
     p.add_argument("--share", action="append", default=[], metavar="PATH,tag=NAME[,ro|rw]",
                    help="share a host directory over virtio-9p, read-only unless rw (in the guest: "
                    "mount -t 9p -o trans=virtio NAME DIR); repeatable")
-    p.add_argument("--cmdline", default="", metavar="STR", help="extra kernel command-line parameters")
+    p.add_argument("--cmdline", metavar="STR", help="extra kernel command-line parameters")
     p.add_argument("--mem", metavar="SIZE", help="guest RAM, e.g. 256M or 2G (default: 512M)")
     p.add_argument("--cpus", type=int, metavar="N", help="number of vCPUs (default: 1)")
     p.add_argument("--hugepages", action="store_true", help="back guest RAM with the host's reserved hugepages")
@@ -196,19 +233,19 @@ def build_parser(prog: str = "kvmm", smoke: bool = False) -> argparse.ArgumentPa
     p.add_argument("--debug-exit", metavar="PORT[,SIZE]", help="a debug-exit port with QEMU's isa-debug-exit "
                    "convention: a guest write of v there ends kvmm with status (v << 1) | 1 (kvm-unit-tests: 0xf4,4); "
                    "kvmm's own port 0x501 (status 64 + v) stays")
-    p.add_argument("--cpu-features", metavar="+NAME,-NAME,...", default="",
+    p.add_argument("--cpu-features", metavar="+NAME,-NAME,...",
                    help="set or clear CPU features in the vCPUs' CPUID (QEMU's names: x2apic, pcid, tsc-deadline, ...)")
     p.add_argument("--pc-testdev", action="store_true", help="QEMU's pc-testdev test device (ports 0xe0-0xeb, "
                    "0x2000-0x2017, MMIO 0xff000000), as kvm-unit-tests' harness adds it")
     p.add_argument("--stop-at-init", type=_stop_at_init, default=None, metavar="auto|yes|no",
                    help="end the VM when the kernel starts init (default auto: only where guest user space cannot run)")
-    p.add_argument("--timeout", type=float, default=300.0 if smoke else None, metavar="SECONDS",
+    p.add_argument("--timeout", type=_seconds, default=300.0 if smoke else None, metavar="SECONDS",
                    help="end the VM (exit status 5) if it still runs after SECONDS" + (" (default 300)" if smoke else ""))
     p.add_argument("--stats", action="store_true", help="print the exits to kvmm by reason when the VM ends")
     p.add_argument("--no-exitless", dest="exitless", action="store_false",
                    help="serve queue notifies and UART writes as VM exits and INTx by KVM_IRQ_LINE (for comparison)")
     p.add_argument("--no-msix", dest="msix", action="store_false", help="offer virtio devices without MSI-X (INTx only)")
-    p.add_argument("--api-sock", metavar="PATH", help="serve the JSON control socket at PATH "
+    p.add_argument("--api-sock", type=_nonempty, metavar="PATH", help="serve the JSON control socket at PATH "
                    "(status, pause, resume, snapshot, shutdown, stats; see 'kvmm ctl --help')")
     p.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
     p.add_argument("-v", "--verbose", action="store_true", help="log debugging detail")
@@ -252,12 +289,11 @@ def ctl_main(argv: list[str]) -> int:
     from .api import COMMANDS
     from .api import request as api_request
 
-    p = argparse.ArgumentParser(prog="kvmm ctl", description="Send a command to a running kvmm's control socket.",
-                                epilog=CTL_EPILOG, formatter_class=_HelpFormatter)
+    p = _Parser(prog="kvmm ctl", description="Send a command to a running kvmm's control socket.", epilog=CTL_EPILOG)
     p.add_argument("socket", help="the path given to kvmm --api-sock")
     p.add_argument("command", choices=COMMANDS, metavar="COMMAND", help=", ".join(COMMANDS))
     p.add_argument("path", nargs="?", metavar="DIR", help="snapshot: the directory to create")
-    p.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
+    p.add_argument("--timeout", type=_seconds, default=600.0, metavar="SECONDS",
                    help="how long to wait for the answer (default 600: a snapshot writes all of RAM)")
     args = p.parse_args(argv)
     extra = {}
@@ -299,7 +335,7 @@ examples:
 
 def run_main(argv: list[str]) -> int:
     """``kvmm run [OPTIONS] -- CMD [ARGS...]``: a command in a guest booted on the host's files."""
-    p = argparse.ArgumentParser(prog="kvmm run", formatter_class=_HelpFormatter, epilog=RUN_EPILOG,
+    p = _Parser(prog="kvmm run", epilog=RUN_EPILOG,
                                 description="Run a command in a VM whose root file system is the host's own files "
                                 "(read-only, over virtio-9p); exit with its status.")
     p.add_argument("--kernel", metavar="PATH", help="kernel image (default: $KVMM_KERNEL, else the project kernel "
@@ -311,7 +347,7 @@ def run_main(argv: list[str]) -> int:
                    help="share another directory, mounted at its host path (read-only unless rw); repeatable")
     p.add_argument("--mem", default="512M", metavar="SIZE", help="guest RAM (default: 512M)")
     p.add_argument("--cpus", type=int, default=1, metavar="N", help="number of vCPUs (default: 1)")
-    p.add_argument("--timeout", type=float, metavar="SECONDS", help="end the VM (exit status 5) after SECONDS")
+    p.add_argument("--timeout", type=_seconds, metavar="SECONDS", help="end the VM (exit status 5) after SECONDS")
     p.add_argument("--console-log", metavar="PATH", help="keep the kernel's console output in PATH")
     p.add_argument("--stats", action="store_true", help="print the exits to kvmm and device counters at the end")
     p.add_argument("-v", "--verbose", action="count", default=0, help="log what kvmm does (-v -v: debugging detail)")
@@ -343,8 +379,50 @@ def run_main(argv: list[str]) -> int:
     return result.exit_status
 
 
+def _open_closed_std_fds() -> set[int]:
+    """Put /dev/null on any of descriptors 0-2 kvmm was started without (``kvmm >&-``), so
+    that no file kvmm opens later (/dev/kvm, a disk) becomes its "stdout" and receives
+    console output or error lines. Returns the descriptors that were closed."""
+    closed = set()
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            closed.add(fd)
+    for fd in sorted(closed):
+        null = os.open(os.devnull, os.O_RDWR)
+        if null != fd:  # the lowest free descriptor: fd itself, unless a lower one was also closed
+            os.dup2(null, fd)
+            os.close(null)
+    if 1 in closed and sys.stdout is None:
+        sys.stdout = open(1, "w", closefd=False)
+    if 2 in closed and sys.stderr is None:
+        sys.stderr = open(2, "w", closefd=False)
+    return closed
+
+
+def _early_dump_request(signum: int, frame: Any) -> None:
+    """SIGUSR2 before the VM runs: nothing to dump yet (its default action would end kvmm)."""
+    os.write(2, b"kvmm: SIGUSR2: no VM is running yet, nothing to dump\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """The ``kvmm`` command and its sub-commands; returns the exit status. A SIGINT
+    before the VM's own handlers are in place (while kvmm reads a file, decompresses a
+    kernel, maps memory) ends it with one line and status 130, not a traceback."""
+    closed = _open_closed_std_fds()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGUSR2, _early_dump_request)
+    try:
+        return _main(sys.argv[1:] if argv is None else argv, stdout_closed=1 in closed)
+    except KeyboardInterrupt:
+        print("kvmm: error: interrupted (SIGINT)", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except BrokenPipeError:  # stdout or stderr is a pipe nobody reads any more
+        return EXIT_VMM_ERROR
+
+
+def _main(argv: list[str], stdout_closed: bool) -> int:
     if argv and argv[0] == "ctl":
         return ctl_main(argv[1:])
     if argv and argv[0] == "host":
@@ -358,16 +436,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv[1:] if smoke else argv)
     restore = getattr(args, "restore", None)
     if restore:
-        given = [opt for opt, value in (("--kernel", args.kernel), ("--initrd", args.initrd), ("--net", args.net),
-                 ("--cmdline", args.cmdline), ("--mem", args.mem), ("--cpus", args.cpus), ("--share", args.share),
-                 ("--module", args.module), ("--debug-exit", args.debug_exit), ("--pc-testdev", args.pc_testdev or None),
-                 ("--cpu-features", args.cpu_features)) if value or value == 0]
+        # "is not None": an empty value (--mem=) is given too.
+        given = [opt for opt, value in (("--kernel", args.kernel), ("--initrd", args.initrd), ("--net", args.net or None),
+                 ("--cmdline", args.cmdline), ("--mem", args.mem), ("--cpus", args.cpus), ("--share", args.share or None),
+                 ("--module", args.module or None), ("--debug-exit", args.debug_exit),
+                 ("--pc-testdev", args.pc_testdev or None), ("--cpu-features", args.cpu_features)) if value is not None]
         if given:
             parser.error(f"--restore takes the VM's configuration from the snapshot: drop {', '.join(given)}")
         if any("," in spec for spec in args.disk):
             parser.error("with --restore, --disk takes a path only (a copy of the snapshot's disk, in order)")
     elif not args.kernel:
         parser.error("the following arguments are required: --kernel (or --restore DIR)")
+    if stdout_closed and args.console[1] is None:
+        parser.error("stdout is closed and the console writes there: give --console file:PATH "
+                     "(file:/dev/null to discard it)")
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="kvmm: %(message)s", stream=sys.stderr)
     try:
@@ -382,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
             from .memory import parse_size
             from .x86 import prepare_vm
 
-            mem_size = parse_size(args.mem or "512M")
+            mem_size = parse_size("512M" if args.mem is None else args.mem)  # --mem= is an error, not the default
             prepared = prepare_vm(mem_size, args.hugepages, args.exitless)  # the VM first, then the rest of kvmm
             try:
                 from .vm import Machine
@@ -395,11 +477,12 @@ def main(argv: list[str] | None = None) -> int:
         from .config import Outcome, VmResult
         with machine:
             if smoke:
-                expected = re.compile(args.expect.encode())
+                expected: re.Pattern[bytes] = args.expect
+                shown = os.fsdecode(expected.pattern)
 
                 def watch(line: bytes) -> None:
                     if expected.search(line):
-                        machine.stop(VmResult(Outcome.EXPECTED, f"the console showed /{args.expect}/"))
+                        machine.stop(VmResult(Outcome.EXPECTED, f"the console showed /{shown}/"))
 
                 machine.console.listeners.insert(0, watch)  # type: ignore[union-attr]
             result = machine.run(timeout=args.timeout)
@@ -409,7 +492,8 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_status
     status = result.exit_status
     if smoke and result.outcome in (Outcome.POWEROFF, Outcome.RESET, Outcome.INIT_REACHED, Outcome.DEBUG_EXIT):
-        print(f"kvmm: error: the guest ended without showing /{args.expect}/: {result.message}", file=sys.stderr)
+        print(f"kvmm: error: the guest ended without showing /{os.fsdecode(args.expect.pattern)}/: {result.message}",
+              file=sys.stderr)
         return EXIT_SMOKE_ENDED
     if result.outcome in (Outcome.VCPU_ERROR, Outcome.VMM_ERROR, Outcome.PANIC, Outcome.TIMEOUT):
         print(f"\nkvmm: error: {result.message}", file=sys.stderr)
@@ -426,7 +510,7 @@ def _config(args: argparse.Namespace, smoke: bool, mem_size: int) -> VmConfig:
     return VmConfig(
         kernel=args.kernel,
         initrd=args.initrd,
-        cmdline=args.cmdline,
+        cmdline=args.cmdline or "",
         mem_size=mem_size,
         cpus=1 if args.cpus is None else args.cpus,
         hugepages=args.hugepages,
@@ -444,7 +528,7 @@ def _config(args: argparse.Namespace, smoke: bool, mem_size: int) -> VmConfig:
         modules=args.module,
         debug_exit=DebugExitConfig.parse(args.debug_exit) if args.debug_exit else None,
         pc_testdev=args.pc_testdev,
-        cpu_features=_cpu_features(args.cpu_features),
+        cpu_features=_cpu_features(args.cpu_features or ""),
     )
 
 

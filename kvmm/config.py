@@ -114,6 +114,10 @@ def parse_mac(text: str) -> bytes:
     mac = bytes(int(p, 16) for p in parts)
     if mac[0] & 1:
         raise ValueError(f"MAC address {text} is a multicast address")
+    if not any(mac):
+        # Not a station address (Linux's is_valid_ether_addr refuses it; virtio-net's
+        # driver would then make up a random one, behind kvmm's back).
+        raise ValueError(f"MAC address {text} is all zeros: give a unicast address like 52:54:00:12:34:56")
     return mac
 
 

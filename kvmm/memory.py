@@ -35,7 +35,20 @@ def parse_size(text: str) -> int:
     num, suffix = (t[:-1], t[-1]) if t and t[-1] in "KMGT" else (t, "")
     if not num.isdigit() or int(num) == 0:
         raise ConfigError(f"invalid memory size {text!r}: expected a positive number with an optional K/M/G suffix, e.g. 256M or 2G")
-    return int(num) * _SIZE_SUFFIXES[suffix]
+    size = int(num) * _SIZE_SUFFIXES[suffix]
+    check_page_multiple(size, repr(text))
+    return size
+
+
+PAGE_SIZE = 4096
+
+
+def check_page_multiple(size: int, shown: str) -> None:
+    """Guest RAM comes in whole pages: KVM_SET_USER_MEMORY_REGION refuses a size that is
+    not a multiple of the page size (EINVAL; api.rst), so it is a usage error here."""
+    if size % PAGE_SIZE:
+        raise ConfigError(f"invalid memory size {shown}: not a multiple of 4 KiB (the page size), "
+                          f"e.g. {-(-size // PAGE_SIZE) * PAGE_SIZE // 1024}K")
 
 
 class Region(NamedTuple):
@@ -170,6 +183,7 @@ class GuestMemory:
         """Anonymous private RAM of ``size`` bytes, laid out for x86."""
         if size < (1 << 20):
             raise MemoryConfigError(f"guest memory of {size} bytes is too small: give at least 1M")
+        check_page_multiple(size, f"of {size} bytes")
         if check_available:
             avail = available_memory()
             if size > avail:

@@ -403,7 +403,7 @@ def remove_stale_temporaries(parent: Path) -> list[Path]:
     exclusive flock on its directory until it ends, whatever its PID namespace), and
     holding nothing but snapshot files. A SIGKILLed snapshot leaves up to all of guest
     RAM there; anything else is left alone. Returns what was removed."""
-    removed = []
+    removed: list[Path] = []
     try:
         entries = list(os.scandir(parent))
     except OSError:
