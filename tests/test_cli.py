@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import itertools
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import run_kvmm
+from conftest import ROOT, run_kvmm
 
 
 def error_lines(res) -> list[str]:  # type: ignore[no-untyped-def]
@@ -161,7 +163,7 @@ def test_bad_disk_option(spec: str, guests) -> None:  # type: ignore[no-untyped-
 
 
 @pytest.mark.parametrize("spec,status", [("tap=", 2), ("mac=52:54:00:00:00:01", 2), ("tap=t0,mac=zz", 2),
-                                         ("tap=name-longer-than-15", 14)])
+                                         ("tap=name-longer-than-15", 14), ("tap=t0,mac=00:00:00:00:00:00", 2)])
 def test_bad_net_option(spec: str, status: int, guests) -> None:  # type: ignore[no-untyped-def]
     res = run_kvmm("--kernel", str(guests("serial_hello")), f"--net={spec}")
     assert res.returncode == status, res.stderr.decode()
@@ -279,3 +281,163 @@ def test_bad_test_kernel_options(args: list[str], match: str, guests) -> None:  
     res = run_kvmm("-q", "--kernel", str(guests("serial_hello")), "--mem", "16M", *args)
     assert res.returncode == 2, res.stderr.decode()
     assert len(error_lines(res)) == 1 and error_lines(res)[0].startswith("kvmm: error: ") and match in error_lines(res)[0]
+
+
+# --- issue 19: hostile files (defect 6) ---------------------------------------------------------
+def _limited_memory() -> None:
+    """In the child: at most 3 GiB of address space, so that a kvmm that reads /dev/zero
+    without a bound fails fast instead of eating the host's memory."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+
+
+def run_bounded(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[bytes]:
+    """run_kvmm with a memory bound; a kvmm that blocks fails the test (TimeoutExpired)."""
+    return subprocess.run([sys.executable, "-m", "kvmm", *args], stdin=subprocess.DEVNULL, capture_output=True,
+                          timeout=timeout, cwd=ROOT, preexec_fn=_limited_memory)
+
+
+@pytest.mark.parametrize("option", ["--kernel", "--initrd"])
+def test_kernel_or_initrd_that_is_a_character_device_is_refused(option: str, guests) -> None:  # type: ignore[no-untyped-def]
+    args = ["--kernel", "/dev/zero"] if option == "--kernel" else ["--kernel", str(guests("serial_hello")), "--initrd", "/dev/zero"]
+    res = run_bounded(*args)
+    assert res.returncode == 10, res.stderr.decode()[-500:]
+    assert error_lines(res) == [f"kvmm: error: {option[2:]} '/dev/zero' is a character device, not a regular file"]
+
+
+@pytest.mark.parametrize("option", ["--kernel", "--initrd", "--console"])
+def test_a_fifo_as_kernel_initrd_or_console_file_is_refused_at_once(option: str, tmp_path: Path, guests) -> None:  # type: ignore[no-untyped-def]
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    args = {"--kernel": ["--kernel", str(fifo)],
+            "--initrd": ["--kernel", str(guests("serial_hello")), "--initrd", str(fifo)],
+            "--console": ["--kernel", str(guests("serial_hello")), "--console", f"file:{fifo}"]}[option]
+    res = run_bounded(*args, timeout=20)  # it used to block in open() for ever
+    assert res.returncode == (2 if option == "--console" else 10), res.stderr.decode()
+    assert len(error_lines(res)) == 1 and "FIFO" in error_lines(res)[0]
+
+
+def test_kernel_larger_than_guest_ram_is_refused_before_reading(tmp_path: Path) -> None:
+    big = tmp_path / "big"
+    with open(big, "wb") as f:
+        f.truncate(64 << 20)  # sparse: costs no disk
+    res = run_bounded("--kernel", str(big), "--mem", "16M")
+    assert res.returncode == 10 and "more than the 16777216 it may be" in res.stderr.decode()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "chardev"])
+def test_a_fifo_or_character_device_is_no_disk(kind: str, tmp_path: Path, guests) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "fifo"
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path = Path("/dev/null")
+    for spec in (str(path), f"{path},ro"):
+        res = run_bounded("--kernel", str(guests("serial_hello")), "--disk", spec, timeout=20)
+        assert res.returncode == 11, res.stderr.decode()
+        assert error_lines(res) == [f"kvmm: error: disk {str(path)!r} is {'a FIFO' if kind == 'fifo' else 'a character device'}, "
+                                    "not a regular file or a block device"]
+
+
+# --- issue 19: tracebacks (defect 10) ------------------------------------------------------------
+def test_cmdline_with_a_byte_that_is_not_utf8_is_one_line(guests) -> None:  # type: ignore[no-untyped-def]
+    res = subprocess.run([os.fsencode(sys.executable), b"-m", b"kvmm", b"--kernel", os.fsencode(guests("serial_hello")),
+                          b"--cmdline", b"quiet \xff"], capture_output=True, timeout=60, cwd=ROOT)
+    assert res.returncode == 2, res.stderr.decode(errors="replace")
+    assert error_lines(res) == ["kvmm: error: --cmdline has a byte that is not UTF-8 (ff at 6): give the kernel "
+                                "command line as UTF-8 text"]
+
+
+def test_smoke_expect_that_is_no_regular_expression_is_a_usage_error(guests) -> None:  # type: ignore[no-untyped-def]
+    res = run_kvmm("smoke", "--kernel", str(guests("serial_hello")), "--expect", "(")
+    assert res.returncode == 2 and len(error_lines(res)) == 1
+    assert error_lines(res)[0].startswith("kvmm: error: argument --expect: '(' is not a valid regular expression")
+
+
+def test_closed_stdout_is_one_line_and_status_2(guests) -> None:  # type: ignore[no-untyped-def]
+    res = subprocess.run([sys.executable, "-m", "kvmm", "--kernel", str(guests("serial_hello"))], stdout=None,
+                         stderr=subprocess.PIPE, cwd=ROOT, timeout=60, stdin=subprocess.DEVNULL,
+                         preexec_fn=lambda: os.close(1))
+    assert res.returncode == 2, res.stderr.decode()
+    assert error_lines(res) == ["kvmm: error: stdout is closed and the console writes there: give --console "
+                                "file:PATH (file:/dev/null to discard it) ('kvmm --help' for usage)"]
+    # With the console elsewhere, a closed stdout is no problem (and no kvmm file lands on fd 1).
+    res = subprocess.run([sys.executable, "-m", "kvmm", "-q", "--kernel", str(guests("serial_hello")), "--console",
+                          "file:/dev/null"], stderr=subprocess.PIPE, cwd=ROOT, timeout=60, stdin=subprocess.DEVNULL,
+                         preexec_fn=lambda: os.close(1))
+    assert res.returncode == 64 + 42 and res.stderr == b"", res.stderr.decode()
+
+
+SIGNAL_AT_START = """
+import os, signal, sys
+import kvmm.builder, kvmm.cli
+
+real = kvmm.builder.read_image
+
+def read_image(*args):  # the signal arrives while kvmm reads the kernel, before the VM exists
+    os.kill(os.getpid(), getattr(signal, sys.argv[1]))
+    return real(*args)
+
+kvmm.builder.read_image = read_image
+sys.exit(kvmm.cli.main(sys.argv[2:]))
+"""
+
+
+def test_sigint_before_the_vm_runs_is_one_line_and_status_130(guests) -> None:  # type: ignore[no-untyped-def]
+    res = subprocess.run([sys.executable, "-c", SIGNAL_AT_START, "SIGINT", "--kernel", str(guests("serial_hello"))],
+                         capture_output=True, cwd=ROOT, timeout=60, stdin=subprocess.DEVNULL)
+    assert res.returncode == 130, res.stderr.decode()
+    assert error_lines(res) == ["kvmm: error: interrupted (SIGINT)"]
+
+
+def test_sigusr2_before_the_vm_runs_does_not_end_kvmm(guests) -> None:  # type: ignore[no-untyped-def]
+    res = subprocess.run([sys.executable, "-c", SIGNAL_AT_START, "SIGUSR2", "-q", "--kernel", str(guests("serial_hello"))],
+                         capture_output=True, cwd=ROOT, timeout=60, stdin=subprocess.DEVNULL)
+    assert res.returncode == 64 + 42, res.stderr.decode()  # the guest ran to its end
+    assert error_lines(res) == ["kvmm: SIGUSR2: no VM is running yet, nothing to dump"]
+    assert res.stdout == b"hello from the guest\n"
+
+
+# --- issue 19: small ones (defect 12) ------------------------------------------------------------
+def test_memory_size_that_is_no_page_multiple_is_a_usage_error(guests) -> None:  # type: ignore[no-untyped-def]
+    res = run_kvmm("--kernel", str(guests("serial_hello")), "--mem", "1025K")
+    assert res.returncode == 2
+    assert error_lines(res) == ["kvmm: error: invalid memory size '1025K': not a multiple of 4 KiB (the page size), "
+                                "e.g. 1028K"]
+
+
+def test_empty_memory_size_is_an_error_not_the_default(guests, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    res = run_kvmm("--kernel", str(guests("serial_hello")), "--mem=")
+    assert res.returncode == 2 and error_lines(res) == [
+        "kvmm: error: invalid memory size '': expected a positive number with an optional K/M/G suffix, e.g. 256M or 2G"]
+    res = run_kvmm("--restore", str(tmp_path), "--mem=")
+    assert res.returncode == 2 and "drop --mem" in res.stderr.decode()
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "NaN", "0", "-1"])
+@pytest.mark.parametrize("command", ["kvmm", "smoke", "ctl", "run"])
+def test_every_float_option_rejects_nan_and_inf(command: str, value: str, guests, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    kernel = str(guests("serial_hello"))
+    args = {"kvmm": ["--kernel", kernel], "smoke": ["smoke", "--kernel", kernel, "--expect", "x"],
+            "ctl": ["ctl", str(tmp_path / "none.sock"), "status"],
+            "run": ["run", "--kernel", str(tmp_path / "none")]}[command]
+    res = run_kvmm(*args, f"--timeout={value}", *(["--", "true"] if command == "run" else []), timeout=60)
+    assert res.returncode == 2, res.stderr.decode()
+    assert error_lines(res) == [f"kvmm: error: argument --timeout: expected a finite number of seconds above 0, "
+                                f"not {value!r} ('kvmm{'' if command == 'kvmm' else ' ' + command} --help' for usage)"]
+
+
+@pytest.mark.parametrize("args", [["--bogus"], ["smoke", "--bogus"], ["ctl"], ["run", "--bogus", "--", "true"], []])
+def test_a_usage_error_is_one_line_with_kvmms_prefix(args: list[str]) -> None:
+    res = run_kvmm(*args)
+    assert res.returncode == 2
+    assert len(error_lines(res)) == 1 and error_lines(res)[0].startswith("kvmm: error: "), res.stderr.decode()
+
+
+@pytest.mark.parametrize("path,match", [("", "expected a path, not an empty string"),
+                                        ("/tmp/" + "s" * 103, "may be at most 107")])
+def test_unusable_api_socket_path_is_a_usage_error(path: str, match: str, guests) -> None:  # type: ignore[no-untyped-def]
+    res = run_kvmm("--kernel", str(guests("serial_hello")), f"--api-sock={path}")
+    assert res.returncode == 2 and len(error_lines(res)) == 1 and match in res.stderr.decode(), res.stderr.decode()
+    assert ": None" not in res.stderr.decode()
