@@ -238,8 +238,8 @@ def test_manifest_not_json_is_refused(paused_snapshot: tuple[Path, Path], snap_c
 
 
 def test_deeply_nested_manifest_is_refused(paused_snapshot: tuple[Path, Path], snap_copy: Path) -> None:
-    # Checksums are no signature: a hostile snapshot can be made consistent. Nesting that
-    # exhausts the JSON decoder's recursion is an error message, not a traceback.
+    # The manifest is parsed before it is authenticated: nesting that exhausts the JSON
+    # decoder's recursion is an error message, not a traceback.
     (snap_copy / "manifest.json").write_bytes(b"[" * 100_000 + b"]" * 100_000)
     assert "not valid JSON" in restore_refused(snap_copy, disk_of(snap_copy))
 
@@ -337,3 +337,68 @@ def test_disk_override_must_match_the_snapshot(paused_snapshot: tuple[Path, Path
     assert res.returncode == EXIT_SNAPSHOT and b"1 disk(s), 2 path(s)" in res.stderr
     res = run_kvmm("-q", "--restore", str(snap_copy), "--disk", f"{other},ro", timeout=60)
     assert res.returncode == 2 and b"takes a path only" in res.stderr
+
+
+# --- issue 19: hostile snapshots and control-socket paths -------------------------------------
+def forge_manifest(snap: Path, change) -> None:  # type: ignore[no-untyped-def]
+    """Edit the manifest as someone without this user's snapshot key can: recompute a
+    plain SHA-256 (the format before issue 19) and an HMAC under the forger's own key."""
+    import hashlib
+    import hmac
+
+    data = json.loads((snap / "manifest.json").read_text())
+    change(data)
+
+    def canonical(field: str) -> bytes:
+        return json.dumps({**data, field: ""}, sort_keys=True, separators=(",", ":")).encode()
+
+    if "checksum" in data:
+        data["checksum"] = hashlib.sha256(canonical("checksum")).hexdigest()
+    if "hmac" in data:
+        data["hmac"] = hmac.new(os.urandom(32), canonical("hmac"), hashlib.sha256).hexdigest()
+    (snap / "manifest.json").write_text(json.dumps(data))
+
+
+def test_forged_snapshot_cannot_give_the_guest_a_host_file(paused_snapshot: tuple[Path, Path], snap_copy: Path,
+                                                            tmp_path: Path) -> None:
+    # The counter guest writes a sector per tick to its disk: pointed at a host file, it
+    # would overwrite it. The forger gives the file's real size and mtime.
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes((b"the user's precious data\n" * 41944)[: 1 << 20])  # 1 MiB, as the snapshot's disk
+    st = victim.stat()
+    forge_manifest(snap_copy, lambda m: m["config"]["disks"][0].update(path=str(victim), size=st.st_size,
+                                                                          mtime_ns=st.st_mtime_ns))
+    before = victim.read_bytes()
+    err = restore_refused(snap_copy, disk_of(snap_copy))
+    assert "fails its authentication" in err
+    assert victim.read_bytes() == before and victim.stat().st_mtime_ns == st.st_mtime_ns
+
+
+def test_verify_memory_of_a_copy_with_another_hole_layout_ends(paused_snapshot: tuple[Path, Path], snap_copy: Path) -> None:
+    # cp -a (cp --sparse=always) punches holes at 4 KiB inside the 64 KiB chunks kvmm
+    # wrote: the digest used to loop for ever on such a file, --timeout or not.
+    copied = snap_copy.parent / "copied"
+    subprocess.run(["cp", "-a", str(snap_copy), str(copied)], check=True)
+    memory = copied / "memory.bin"
+    subprocess.run(["cp", "--sparse=always", str(paused_snapshot[0] / "memory.bin"), str(memory)], check=True)
+    log = snap_copy.parent / "out.log"
+    res = run_kvmm("-q", "--restore", str(copied), "--verify-memory", "--console", f"file:{log}", timeout=120)
+    assert res.returncode == EXIT_COUNTER_DONE, res.stderr.decode()
+
+
+@pytest.mark.parametrize("name,match", [("with\0nul", "may not contain a NUL byte"), ("n" * 256, "at most 239")])
+def test_snapshot_to_a_name_no_file_system_takes_is_a_clean_refusal(guests, tmp_path: Path, name: str, match: str) -> None:  # type: ignore[no-untyped-def]
+    sock = tmp_path / "vm.sock"
+    with Machine(kernel=str(guests("spin_seconds")), mem="16M", api_socket=str(sock), console_file=str(tmp_path / "c")) as m:
+        m.launch(timeout=60)
+        answer = request(str(sock), "snapshot", path=str(tmp_path / name))
+        assert answer["ok"] is False and match in answer["error"] and "internal error" not in answer["error"], answer
+        assert request(str(sock), "status")["state"] == "running"
+        m.stop(VmResult(Outcome.RESET, "test over"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]  # no temporary left behind
+
+
+def test_control_socket_is_mode_0600(guests, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    sock = tmp_path / "vm.sock"
+    with Machine(kernel=str(guests("spin_seconds")), mem="16M", api_socket=str(sock), console_file=str(tmp_path / "c")):
+        assert sock.stat().st_mode & 0o777 == 0o600
