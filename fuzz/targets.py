@@ -30,6 +30,7 @@ from kvmm.irq import LineInterrupt, MsiCallbacks  # noqa: E402
 from kvmm.loader import load_linux  # noqa: E402
 from kvmm.loader import multiboot as mb  # noqa: E402
 from kvmm.memory import GuestMemory  # noqa: E402
+from kvmm import snapshot as S  # noqa: E402
 from kvmm.snapshot import MachineState, load_devices  # noqa: E402
 from kvmm.state import from_json  # noqa: E402
 from kvmm.virtio import blk as B  # noqa: E402
@@ -446,6 +447,41 @@ def fuzz_snapshot_state(data: bytes) -> int:
     except SnapshotError:
         pass
     return 1
+
+
+# A snapshot directory whose manifest is the fuzz input: the state file is the
+# snapshot_state seed, memory.bin 1 MiB of holes; manifests are authenticated with a
+# fixed key (read_snapshot's ``key``), so the user's own key is never touched.
+_SNAP = Path(_tmp) / "snap"
+_SNAP.mkdir()
+_SNAP_KEY = bytes(range(32))
+(_SNAP / S.STATE).write_bytes((ROOT / "fuzz" / "corpus" / "snapshot_state" / "seed.json").read_bytes())
+with open(_SNAP / S.MEMORY, "wb") as f:
+    f.truncate(1 << 20)
+
+
+def fuzz_snapshot_manifest(data: bytes) -> None:
+    """A snapshot's manifest.json as bytes, read by read_snapshot as ``kvmm --restore``
+    does (file checks, JSON, format, authentication, fields, configuration, disks, the
+    state file against it; --verify-memory when byte 0 has bit 1). Byte 0 bit 0 set:
+    the rest is taken as JSON and, when it is an object, signed with the fuzz key first,
+    so inputs get past the authentication into the checks that follow it (a manifest
+    this user's kvmm wrote is no less untrusted there). Only SnapshotError may come out."""
+    r = _Reader(data)
+    mode = r.take(1)
+    raw = r.rest()
+    if mode & 1:
+        try:
+            manifest = json.loads(raw)
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            manifest = None
+        if isinstance(manifest, dict):
+            raw = json.dumps({**manifest, "hmac": S.manifest_hmac(manifest, _SNAP_KEY)}).encode()
+    (_SNAP / S.MANIFEST).write_bytes(raw)
+    try:
+        S.read_snapshot(_SNAP, verify_memory=bool(mode & 2), key=_SNAP_KEY)
+    except SnapshotError:
+        pass
 
 
 _kernel_mem = GuestMemory.allocate(4 << 20, check_available=False)

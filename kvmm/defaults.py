@@ -29,7 +29,8 @@ EXIT_STATUSES = (
     ("0", "the guest powered off or reset (`reboot=k` through the i8042, triple fault, KVM shutdown/system "
           "event), or, where guest user space cannot run, the kernel started init"),
     ("1", "kvmm failed (an internal or KVM error)"),
-    ("2", "invalid command-line usage (unknown option, bad size syntax, `--cpus` out of range)"),
+    ("2", "invalid command-line usage (unknown option, bad size syntax, `--cpus` out of range, a console file "
+          "kvmm cannot write without blocking)"),
     ("3", "the guest kernel panicked (recognised on the console; `panic=-1`, the default, makes it reset at once)"),
     ("4", "a vCPU failed: KVM could not emulate an instruction (RIP and instruction bytes are printed) or "
           "enter the guest"),
@@ -41,7 +42,8 @@ EXIT_STATUSES = (
     ("12", "guest memory cannot be provided (more than available, no hugepages reserved)"),
     ("13", "`/dev/kvm` is missing or not accessible"),
     ("14", "a `--net` backend cannot be set up (no `/dev/net/tun`, no permission, tap busy)"),
-    ("15", "`--restore`: the snapshot is damaged, truncated, from another kvmm version, or its disks changed since"),
+    ("15", "`--restore`: the snapshot is damaged, truncated, from another kvmm version, not authenticated by this "
+           "user's snapshot key, or its disks changed since"),
     ("16", "`kvmm ctl`: the control socket cannot be reached"),
     ("17", "`kvmm run`: the command did not run to its end (guest user space cannot run on this host, so the boot "
            "ended at init; or the guest ended without reporting the command's exit status)"),

@@ -272,9 +272,18 @@ def run_command(command: Sequence[str], *, kernel: str | None = None, root: str 
         shutil.rmtree(work, ignore_errors=True)
 
 
+class _StatusFileError(Exception):
+    pass
+
+
 def _read_status(path: str) -> int | None:
+    """The command's exit status as the guest's shim wrote it to the run directory. The
+    guest can write anything there (it is shared read-write): a symlink to /dev/zero or
+    to a FIFO elsewhere on the host is not followed, and at most 32 bytes are read."""
+    from .files import read_file
+
     try:
-        text = Path(path).read_text().strip()
-    except OSError:
+        text = read_file(path, "status file", 32, _StatusFileError, nofollow=True).decode("ascii", "replace").strip()
+    except _StatusFileError:
         return None
     return int(text) & 0xFF if text.isdigit() else None

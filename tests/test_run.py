@@ -172,3 +172,33 @@ def test_status_file_is_read_as_a_byte(tmp_path: Path) -> None:
     assert R._read_status(str(tmp_path / "status")) is None
     assert R._read_status(str(tmp_path / "missing")) is None
     assert stat.S_ISREG(os.stat(R.SHIM).st_mode)
+
+
+READ_STATUS = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))  # an unbounded read fails fast
+from kvmm.run import _read_status
+print(_read_status(sys.argv[1]))
+"""
+
+
+@pytest.mark.parametrize("kind", ["symlink-to-dev-zero", "symlink-to-fifo", "huge", "digits"])
+def test_the_guest_written_status_file_is_read_bounded_and_never_followed(kind: str, tmp_path: Path) -> None:
+    # The run directory is shared read-write: the guest decides what "status" is (issue 19).
+    status = tmp_path / "status"
+    if kind == "symlink-to-dev-zero":
+        status.symlink_to("/dev/zero")
+    elif kind == "symlink-to-fifo":
+        os.mkfifo(tmp_path / "fifo")
+        status.symlink_to(tmp_path / "fifo")
+    elif kind == "huge":
+        status.write_bytes(b"1" * (1 << 20))
+    else:
+        status.write_text("3\n")
+    try:
+        res = subprocess.run([sys.executable, "-c", READ_STATUS, str(status)], capture_output=True, text=True,
+                             timeout=20, cwd=Path(__file__).resolve().parents[1])
+    except subprocess.TimeoutExpired:
+        pytest.fail("reading the status file blocked")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip() == ("3" if kind == "digits" else "None")
