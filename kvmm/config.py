@@ -107,6 +107,19 @@ class DiskConfig(NamedTuple):
         return cls(path, read_only, serial)
 
 
+def check_seconds(value: float | None, what: str = "timeout") -> float | None:
+    """A time limit as every kvmm option and API takes one: None (no limit) or a finite
+    number above 0. float() accepts 'nan' and 'inf', and a NaN deadline compares false
+    with every time, so it would never pass (issue 19)."""
+    import math
+
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{what} must be a finite number of seconds above 0, not {value!r}")
+    return float(value)
+
+
 def parse_mac(text: str) -> bytes:
     parts = text.split(":")
     if len(parts) != 6 or not all(len(p) == 2 for p in parts):

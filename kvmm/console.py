@@ -128,7 +128,9 @@ class ConsoleOutput:
         if isinstance(pattern, str):
             pattern = pattern.encode()
         regex = pattern if isinstance(pattern, re.Pattern) else re.compile(pattern)
-        deadline = time.monotonic() + timeout
+        from .config import check_seconds
+
+        deadline = time.monotonic() + (check_seconds(timeout, "expect's timeout") or 0.0)
         with self._cond:
             while True:
                 m = regex.search(self.transcript, self._cursor)

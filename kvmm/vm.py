@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from . import __version__
 from .builder import Platform, PlatformEvents, build_for_boot, build_from_snapshot
-from .config import DiskConfig, NetConfig, Outcome, VmConfig, VmResult, config_from_options
+from .config import DiskConfig, NetConfig, Outcome, VmConfig, VmResult, check_seconds, config_from_options
 from .console import ConsoleOutput, StdinPump
 from .defaults import DEFAULT_CMDLINE, EXIT_DEBUG_BASE, EXIT_OK, EXIT_PANIC, EXIT_TIMEOUT, EXIT_VCPU_ERROR, EXIT_VMM_ERROR
 from .errors import ConfigError, KvmmError, SnapshotError
@@ -167,6 +167,7 @@ class Machine:
 
         The calling thread becomes the I/O thread: it serves ioeventfds, irqfd resamples,
         console input and output, and signals, until the VM ends."""
+        timeout = check_seconds(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         console, loop, coalesced = self.console, self.loop, self.platform.coalesced
         old_handlers: dict[int, Any] = {}
@@ -214,6 +215,7 @@ class Machine:
         """Run the VM in a background thread (the I/O thread); returns at once."""
         if self._io_thread is not None:
             raise KvmmError("this machine was already launched")
+        check_seconds(timeout)  # here, not in the thread: the caller gets the error
         self._io_thread = threading.Thread(target=self._run_in_background, args=(timeout,), name="kvmm-io", daemon=True)
         self._io_thread.start()
 
