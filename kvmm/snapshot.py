@@ -15,8 +15,9 @@ A snapshot directory holds three files (docs/snapshots.md):
     guest RAM, sparse: never-touched (all-zero) 64 KiB chunks are holes. A restore maps it
     privately (copy-on-write), so it reads nothing up front.
 
-Restore checks the manifest's format, its authentication code and kvmm version, both files' sizes, the
-state's checksum and the disks' size and modification time before it creates anything;
+Restore checks the manifest's format, its authentication code and kvmm version, both
+files' sizes, the state's checksum and the disks' size and modification time before it
+creates anything;
 the memory checksum only on request (it reads all of RAM). Values inside the state are
 then checked by each device as the matching guest write would be.
 """
@@ -196,8 +197,6 @@ def manifest_hmac(manifest_json: dict[str, Any], key: bytes) -> str:
 def sign_manifest(manifest_json: dict[str, Any]) -> dict[str, Any]:
     """``manifest_json`` with its ``hmac`` made under this user's key (created if need
     be): how kvmm itself seals a manifest it writes."""
-    from .snapkey import key_path, load_key, sign, verify
-
     return {**manifest_json, "hmac": manifest_hmac(manifest_json, load_key(create=True))}
 
 
