@@ -63,10 +63,17 @@ def open_input(path: str | os.PathLike[str], what: str, error: ErrorClass, *, wr
     last component is refused (ELOOP), for files a guest could have created. ``denied``:
     how it was to be opened, said when permission is denied ("for reading")."""
     shown = os.fsdecode(path)
+    wanted = "a regular file or a block device" if block_device else "a regular file"
     flags = (os.O_RDWR if write else os.O_RDONLY) | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
     if nofollow:
         flags |= os.O_NOFOLLOW
     try:
+        # A look before opening, since opening a device can act (/dev/watchdog arms
+        # itself, a tape rewinds); the fstat below is what counts (the name may change).
+        before = os.stat(path, follow_symlinks=not nofollow).st_mode
+        if not (stat.S_ISREG(before) or stat.S_ISDIR(before) or (block_device and stat.S_ISBLK(before))
+                or (nofollow and stat.S_ISLNK(before))):
+            raise error(f"{what} {shown!r} is {kind(before)}, not {wanted}")
         fd = os.open(path, flags)
     except FileNotFoundError:
         raise error(f"{what} {shown!r} does not exist") from None
@@ -80,7 +87,6 @@ def open_input(path: str | os.PathLike[str], what: str, error: ErrorClass, *, wr
     try:
         mode = os.fstat(fd).st_mode
         if not (stat.S_ISREG(mode) or (block_device and stat.S_ISBLK(mode))):
-            wanted = "a regular file or a block device" if block_device else "a regular file"
             raise error(f"{what} {shown!r} is {kind(mode)}, not {wanted}")
         _clear_nonblock(fd)
     except BaseException:
