@@ -460,28 +460,29 @@ with open(_SNAP / S.MEMORY, "wb") as f:
     f.truncate(1 << 20)
 
 
-def fuzz_snapshot_manifest(data: bytes) -> None:
+def fuzz_snapshot_manifest(data: bytes) -> int:
     """A snapshot's manifest.json as bytes, read by read_snapshot as ``kvmm --restore``
     does (file checks, JSON, format, authentication, fields, configuration, disks, the
     state file against it; --verify-memory when byte 0 has bit 1). Byte 0 bit 0 set:
     the rest is taken as JSON and, when it is an object, signed with the fuzz key first,
     so inputs get past the authentication into the checks that follow it (a manifest
-    this user's kvmm wrote is no less untrusted there). Only SnapshotError may come out."""
+    this user's kvmm wrote is no less untrusted there). Only SnapshotError may come out.
+    Returns 1 when the manifest was a JSON object (it reached the checks), else 0."""
     r = _Reader(data)
     mode = r.take(1)
     raw = r.rest()
-    if mode & 1:
-        try:
-            manifest = json.loads(raw)
-        except (ValueError, UnicodeDecodeError, RecursionError):
-            manifest = None
-        if isinstance(manifest, dict):
-            raw = json.dumps({**manifest, "hmac": S.manifest_hmac(manifest, _SNAP_KEY)}).encode()
+    try:
+        manifest = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        manifest = None
+    if mode & 1 and isinstance(manifest, dict):
+        raw = json.dumps({**manifest, "hmac": S.manifest_hmac(manifest, _SNAP_KEY)}).encode()
     (_SNAP / S.MANIFEST).write_bytes(raw)
     try:
         S.read_snapshot(_SNAP, verify_memory=bool(mode & 2), key=_SNAP_KEY)
     except SnapshotError:
         pass
+    return int(isinstance(manifest, dict))
 
 
 _kernel_mem = GuestMemory.allocate(4 << 20, check_available=False)
