@@ -26,8 +26,10 @@ from typing import TYPE_CHECKING
 from ..config import default_mac, parse_mac  # noqa: F401 (parse_mac: this module's name for it)
 from ..eventloop import EventLoop
 from ..memory import GuestMemory
+from ..ratelimit import RateLimitedLog
 from ..tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, Tap
 from .device import VIRTIO_ID_NET, DeviceBase, DeviceContext, Interrupt, VirtioDevice, create_each, serve_queue
+from .chain_io import Writer
 from .queue import Chain, ChainError, Queue, QueueError
 
 if TYPE_CHECKING:
@@ -93,6 +95,7 @@ class VirtioNet(DeviceBase):
         self.rx_buffer = bytearray(MAX_FRAME + 2)
         self.pending: memoryview | None = None
         self.mergeable = False
+        self.log = RateLimitedLog(LOG)  # guest-triggered lines (docs/security.md)
 
     def features(self) -> int:
         # The tap completes partial checksums and segments GSO frames we write to it.
@@ -198,6 +201,7 @@ class VirtioNet(DeviceBase):
                     LOG.debug("virtio-net: tap read failed: %s", exc.strerror)
                     break
                 self.pending = memoryview(self.rx_buffer)[:n]
+            dropped = self.rx_dropped
             try:
                 placed = self._place(q, self.pending)
             except QueueError as exc:
@@ -214,23 +218,30 @@ class VirtioNet(DeviceBase):
                 q.push_used(head, length)
             done += len(placed)
             self.pending = None
-            self.rx_frames += 1
+            if self.rx_dropped == dropped:
+                self.rx_frames += 1
         if done and q.needs_interrupt():
             self.interrupt.signal_used(RX_QUEUE)
 
     def _place(self, q: Queue, frame: memoryview) -> list[tuple[int, int]] | None:
         """Write ``frame`` (vnet header + packet) into one chain, or several with mergeable
         buffers (5.1.6.4, num_buffers in the header). None, with nothing consumed, if the
-        guest has not posted enough buffers."""
+        guest has not posted enough buffers.
+
+        Every byte goes through a chain :class:`Writer`, so nothing lands outside the
+        buffers the driver posted: with mergeable buffers the 12-byte header is reserved
+        at the start of the first chain and ``num_buffers`` (bytes 10-11) filled in there
+        once the count is known, wherever the chain's descriptors split those bytes."""
         used: list[tuple[int, int]] = []
         popped = 0
         offset = 0
-        first_addr = None
+        first: Writer | None = None  # the first chain's, with the header reserved in it
+        header: list[tuple[int, int]] = []
         while offset < len(frame) or not used:
             try:
                 chain = q.pop()
             except ChainError as exc:
-                LOG.warning("virtio-net rx: %s; completed with no data, frame dropped", exc)
+                self.log.warning("virtio-net rx: %s; completed with no data, frame dropped", exc)
                 # Chains popped before it can no longer be given back: complete them empty.
                 self.rx_dropped += 1
                 return [*((head, 0) for head, _ in used), (exc.head, 0)]
@@ -239,24 +250,32 @@ class VirtioNet(DeviceBase):
                     q.undo_pop()
                 return None
             popped += 1
-            written = 0
-            for d in chain.writable:
-                n = min(d.length, len(frame) - offset)
-                if n <= 0:
-                    break
-                if first_addr is None:
-                    first_addr = d.addr
-                self.mem.write(d.addr, frame[offset : offset + n])
-                offset += n
-                written += n
-            used.append((chain.head, written))
+            out = Writer(self.mem, chain.writable)
+            if self.mergeable and not used:
+                reserved = out.reserve(MRG_HDR_LEN)
+                if reserved is None:
+                    # virtio 1.x 5.1.6.3.1 (0.9.5 Appendix C, "Packet Receive"): with
+                    # VIRTIO_NET_F_MRG_RXBUF each receive buffer MUST be at least the size
+                    # of the header. This one cannot hold num_buffers: give the buffer
+                    # back empty and drop the frame (the next frame tries the next buffer).
+                    self.rx_dropped += 1
+                    self.log.warning("virtio-net rx: receive buffer %d holds %d bytes, less than the %d-byte header; "
+                                     "frame dropped", chain.head, out.available, MRG_HDR_LEN)
+                    return [(chain.head, 0)]
+                first, header = out, reserved
+                out.write_at(header, bytes(frame[: MRG_HDR_LEN - 2]))  # num_buffers once known
+                offset = MRG_HDR_LEN
+            written = out.write(frame[offset:])
+            offset += written
+            used.append((chain.head, out.done))
             if not self.mergeable:
                 if offset < len(frame):
                     self.rx_truncated += 1  # the driver's buffer was too small for this frame
                 break
-            if written == 0:
+            if written == 0 and offset < len(frame):
+                self.rx_truncated += 1
                 break  # a chain with no room: give up on the rest rather than spin
-        if self.mergeable and first_addr is not None:
-            # num_buffers sits at bytes 10-11 of the header, in the first buffer.
-            self.mem.write_u16(first_addr + 10, len(used))
+        if first is not None:
+            # num_buffers: bytes 10-11 of the header, inside the first chain's buffers.
+            first.write_at(header, struct.pack("<H", len(used)), MRG_HDR_LEN - 2)
         return used

@@ -120,3 +120,47 @@ def test_mac_parsing() -> None:
     for bad in ("52:54:00:12:34", "zz:54:00:12:34:56", "01:00:5e:00:00:01"):
         with pytest.raises(ValueError):
             N.parse_mac(bad)
+
+
+# --- hostile receive buffers (issue 19, defect 3) ---------------------------------------
+
+def test_mergeable_first_buffer_shorter_than_the_header_drops_the_frame(setup) -> None:  # type: ignore[no-untyped-def]
+    """virtio 1.x 5.1.6.3.1: with VIRTIO_NET_F_MRG_RXBUF the driver MUST make each receive
+    buffer at least the header's size. A 1-byte buffer at the very end of guest RAM once
+    made kvmm write num_buffers 10 bytes past it, outside RAM, and exit: now the buffer is
+    given back empty, the frame dropped, and the next frame uses the next buffer."""
+    drv, dev, tap, mem, _ = setup
+    drv.init(features=(1 << N.VIRTIO_NET_F_MRG_RXBUF))
+    rx = drv.queues[N.RX_QUEUE]
+    last = mem.size - 1
+    mem.write(last, b"\x5a")
+    tiny = rx.build_chain([(last, 1, True)])
+    good = rx.alloc(1500)
+    rx.publish(tiny, rx.build_chain([(good, 1500, True)]))
+    tap.host.send(b"\0" * 12 + b"A" * 100)
+    tap.host.send(b"\0" * 12 + b"B" * 100)
+    dev._tap_readable()  # raised GuestMemoryError (outside guest RAM) before the fix
+    assert rx.take_used() == [(tiny, 0), (1, 112)]
+    assert mem.read(last, 1) == b"\x5a"  # nothing written into a buffer too small for the header
+    assert mem.read(good + 12, 100) == b"B" * 100 and struct.unpack("<H", mem.read(good + 10, 2))[0] == 1
+    assert dev.rx_dropped == 1 and dev.rx_frames == 1
+
+
+def test_mergeable_header_split_over_descriptors_gets_num_buffers_in_place(setup) -> None:  # type: ignore[no-untyped-def]
+    """num_buffers is bytes 10-11 of the header wherever the chain's descriptors split it
+    (here 4 + 8 + the rest): it used to be written at the first descriptor's address + 10,
+    past that 4-byte buffer, over whatever the guest kept there."""
+    drv, dev, tap, mem, _ = setup
+    drv.init(features=(1 << N.VIRTIO_NET_F_MRG_RXBUF))
+    rx = drv.queues[N.RX_QUEUE]
+    a, b, c = rx.alloc(4), rx.alloc(8), rx.alloc(1500)
+    after_a = a + 4
+    mem.write(after_a, b"\xee" * 8)  # the guest's own bytes right after the 4-byte buffer
+    rx.publish(rx.build_chain([(a, 4, True), (b, 8, True), (c, 1500, True)]))
+    tap.host.send(bytes(range(10)) + b"\0\0" + b"P" * 64)
+    dev._tap_readable()
+    assert rx.take_used() == [(0, 76)]
+    header = mem.read(a, 4) + mem.read(b, 8)
+    assert header[:10] == bytes(range(10)) and struct.unpack_from("<H", header, 10)[0] == 1
+    assert mem.read(c, 64) == b"P" * 64
+    assert mem.read(after_a, 8) == b"\xee" * 8
