@@ -31,9 +31,13 @@ class PioBus:
         for port in range(base, base + length):
             self._ports[port] = (device, base)
 
-    def unregister(self, base: int, length: int) -> None:
+    def unregister(self, base: int, length: int, device: PioDevice | None = None) -> None:
+        """Free the ports; with ``device``, only those that device holds (a PCI BAR's
+        handler never frees ports another device owns)."""
         for port in range(base, base + length):
-            self._ports.pop(port, None)
+            entry = self._ports.get(port)
+            if entry is not None and (device is None or entry[0] is device):
+                del self._ports[port]
 
     def read(self, port: int, size: int) -> int:
         entry = self._ports.get(port)
@@ -76,8 +80,9 @@ class MmioBus:
                 raise ValueError(f"MMIO range {base:#x}+{length:#x} overlaps {b:#x}+{n:#x}")
         self._ranges.append((base, length, device))
 
-    def unregister(self, base: int, length: int) -> None:
-        self._ranges = [r for r in self._ranges if (r[0], r[1]) != (base, length)]
+    def unregister(self, base: int, length: int, device: MmioDevice | None = None) -> None:
+        """Remove the range ``base``+``length``; with ``device``, only if it is that device's."""
+        self._ranges = [r for r in self._ranges if (r[0], r[1]) != (base, length) or (device is not None and r[2] is not device)]
 
     def _find(self, addr: int, size: int) -> tuple[MmioDevice, int] | None:
         for base, length, dev in self._ranges:

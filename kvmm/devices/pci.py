@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..errors import ConfigError, SnapshotError
+from ..ratelimit import RateLimitedLog
 from ..state import check_length, check_range
 from ..layout import IO_BAR_BASE, IO_BAR_LIMIT, MEM_BAR_BASE, MEM_BAR_LIMIT, PCI_CONFIG_ADDRESS, PCI_CONFIG_DATA
 from .bus import MmioBus, PioBus
@@ -77,11 +78,15 @@ class PciDevice:
         self.config[PCI_REVISION_ID] = revision
         self.config[PCI_CLASS_PROG : PCI_CLASS_PROG + 3] = class_code.to_bytes(3, "little")
         struct.pack_into("<HH", self.config, PCI_SUBSYSTEM_VENDOR_ID, subsystem_vendor, subsystem)
-        self.on_bar_moved: Callable[[int, int, int], None] | None = None  # (bar, old, new)
+        # Where the bus decodes each BAR (0: nowhere). Config space holds what the guest
+        # wrote, which may be an address the bus refused (ports another device owns): only
+        # this is ever unregistered when the BAR moves again.
+        self.bar_decoded = [0] * NUM_BARS
+        self.on_bar_moved: Callable[[int, int], None] | None = None  # (bar, address written)
         self.slot = 0
 
     def bar_relocated(self, bar: int, address: int) -> None:
-        """The guest placed ``bar`` at ``address`` (0: not decoded). For subclasses."""
+        """The bus now decodes ``bar`` at ``address`` (0: nowhere). For subclasses."""
 
     # writable bits of the header, by offset (everything else is read-only)
     def _writable_mask(self, offset: int) -> int:
@@ -173,11 +178,12 @@ class PciDevice:
             new = (int.from_bytes(reg, "little") & ~(bar_size - 1) & 0xFFFF) | PCI_BAR_IO
         else:
             new = (int.from_bytes(reg, "little") & ~(bar_size - 1) & 0xFFFF_FFF0) | PCI_BAR_MEM32
-        old = self.bar_address(bar)
         struct.pack_into("<I", self.config, PCI_BAR0 + 4 * bar, new)
-        # Sizing writes all-ones and reads ~(size-1): the masks above yield that.
-        if self.bar_address(bar) != old and self.on_bar_moved is not None:
-            self.on_bar_moved(bar, old, self.bar_address(bar))
+        # Sizing writes all-ones and reads ~(size-1): the masks above yield that. The bus
+        # is asked whenever what was written differs from what it decodes (a refused
+        # address written again is tried again: its owner may have moved away).
+        if self.bar_address(bar) != self.bar_decoded[bar] and self.on_bar_moved is not None:
+            self.on_bar_moved(bar, self.bar_address(bar))
 
 
 class HostBridge(PciDevice):
@@ -211,6 +217,7 @@ class PciBus:
         self.devices: dict[int, PciDevice] = {}
         self.io_window = _Window("I/O", IO_BAR_BASE, IO_BAR_LIMIT)
         self.mem_window = _Window("memory", MEM_BAR_BASE, MEM_BAR_LIMIT)
+        self.log = RateLimitedLog(LOG)  # BAR moves are the guest's to make at will
         self.add(HostBridge())
         pio.register(CONFIG_ADDRESS, 4, _ConfigAddress(self))
         pio.register(CONFIG_DATA, 4, _ConfigData(self))
@@ -233,16 +240,22 @@ class PciBus:
             base = (self.io_window if io else self.mem_window).allocate(size)
             struct.pack_into("<I", dev.config, PCI_BAR0 + 4 * bar, base | (PCI_BAR_IO if io else PCI_BAR_MEM32))
             (self.pio if io else self.mmio).register(base, size, dev.bar_handlers[bar])  # type: ignore[arg-type]
+            dev.bar_decoded[bar] = base
         # Firmware would have enabled decoding; Linux keeps BARs that are enabled.
         struct.pack_into("<H", dev.config, PCI_COMMAND, dev.command | PCI_COMMAND_IO | PCI_COMMAND_MEMORY)
-        dev.on_bar_moved = lambda bar, old, new, dev=dev: self._move_bar(dev, bar, old, new)
+        dev.on_bar_moved = lambda bar, new, dev=dev: self._move_bar(dev, bar, new)
         return slot
 
-    def _move_bar(self, dev: PciDevice, bar: int, old: int, new: int) -> None:
+    def _move_bar(self, dev: PciDevice, bar: int, new: int) -> None:
+        """The guest wrote ``new`` into ``bar``: stop decoding where the bus decoded it
+        (only there, and only the BAR's own handler: never what another device owns),
+        then decode at ``new`` unless that is 0, the sizing pattern, or taken."""
         size = dev.bar_sizes[bar]
         handler = dev.bar_handlers[bar]
         space = self.pio if dev.bar_is_io[bar] else self.mmio
-        space.unregister(old, size)
+        if dev.bar_decoded[bar]:
+            space.unregister(dev.bar_decoded[bar], size, handler)  # type: ignore[arg-type]
+            dev.bar_decoded[bar] = 0
         sizing = (~(size - 1) & 0xFFFC) if dev.bar_is_io[bar] else (~(size - 1) & 0xFFFF_FFF0)
         if new == 0 or new == sizing:
             dev.bar_relocated(bar, 0)
@@ -250,9 +263,11 @@ class PciBus:
         try:
             space.register(new, size, handler)  # type: ignore[arg-type]
         except ValueError:
-            LOG.warning("guest moved %02x.0 BAR%d onto ports in use at %#x; BAR left undecoded", dev.slot, bar, new)
+            self.log.warning("guest moved %02x.0 BAR%d onto %s in use at %#x; BAR left undecoded", dev.slot, bar,
+                             "ports" if dev.bar_is_io[bar] else "addresses", new)
             dev.bar_relocated(bar, 0)
             return
+        dev.bar_decoded[bar] = new
         dev.bar_relocated(bar, new)
 
     def save_state(self) -> PciBusState:

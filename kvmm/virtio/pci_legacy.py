@@ -350,7 +350,7 @@ class VirtioPciLegacy(PciDevice):
 
     # --- exitless notifies: one ioeventfd per live queue on QUEUE_NOTIFY -------------------
     def _attach_notify(self, index: int) -> None:
-        base = self.bar_address(0)
+        base = self.bar_decoded[0]  # where the bus decodes BAR0, not a refused address the guest wrote
         if self.notify_host is None or index in self._ioeventfds or base == 0:
             return
         port = base + QUEUE_NOTIFY

@@ -114,3 +114,68 @@ def test_read_only_header_fields_ignore_writes(setup) -> None:  # type: ignore[n
     assert read_cfg(pio, 1, 0) == 0x1001_1AF4 and read_cfg(pio, 1, 0x08) == 0x0100_0000
     write_cfg(pio, 1, 0x3C, 0x0000_0A0B)  # interrupt line writable, pin read-only
     assert read_cfg(pio, 1, 0x3C, 1) == 0x0B and read_cfg(pio, 1, 0x3D, 1) == 1
+
+
+# --- a refused BAR move (issue 19, defect 7) ---------------------------------------------
+
+class Uart(Window):
+    def pio_read(self, offset: int, size: int) -> int:
+        return 0x3F
+
+
+@pytest.mark.parametrize("victim", ["uart_0x3f8", "pci_config_0xcf8"])
+def test_a_refused_bar_move_never_unregisters_the_owner_of_those_ports(setup, victim: str) -> None:  # type: ignore[no-untyped-def]
+    """The guest moves BAR0 (64 ports) over ports another device owns: refused, the BAR
+    decodes nothing. Moving it away again (back home) once unregistered the refused
+    window, taking the UART at 0x3F8 or PCI configuration itself at 0xCF8 with it."""
+    pio, _, dev, win = setup
+    if victim == "uart_0x3f8":
+        pio.register(0x3F8, 8, Uart())
+        target, probe, expect = 0x3C0, 0x3F8, 0x3F
+    else:
+        target, probe, expect = 0xCC0, P.CONFIG_ADDRESS, None
+    home = read_cfg(pio, 1, 0x10) & ~3
+    write_cfg(pio, 1, 0x10, target | 1)  # refused: someone lives there
+    assert pio.read(home, 1) == 0xFF and read_cfg(pio, 1, 0x10) == target | 1  # the register keeps what was written
+    write_cfg(pio, 1, 0x10, home | 1)  # and back: only what the BAR held is freed
+    assert pio.read(home + 5, 1) == 0x5A
+    if expect is not None:
+        assert pio.read(probe, 1) == expect
+    else:  # configuration mechanism #1 still answers
+        assert read_cfg(pio, 0, 0) == 0x1237_8086 and read_cfg(pio, 1, 0) == 0x1001_1AF4
+
+
+def test_a_refused_bar_address_written_again_is_decoded_once_free(setup) -> None:  # type: ignore[no-untyped-def]
+    pio, _, dev, win = setup
+    other = Uart()
+    pio.register(0xD000, 0x40, other)
+    write_cfg(pio, 1, 0x10, 0xD001)
+    assert pio.read(0xD000, 1) == 0x3F
+    pio.unregister(0xD000, 0x40)
+    write_cfg(pio, 1, 0x10, 0xD001)
+    assert pio.read(0xD005, 1) == 0x5A
+
+
+def test_a_refused_memory_bar_move_never_unregisters_another_devices_range() -> None:
+    pio = PioBus()
+    bus = P.PciBus(pio)
+    a, b = P.PciDevice(0x1AF4, 0x1001, 0x010000), P.PciDevice(0x1AF4, 0x1001, 0x010000)
+    wa, wb = MmioWindow(0xA), MmioWindow(0xB)
+    a.add_mem_bar(1, 0x1000, wa)
+    b.add_mem_bar(1, 0x1000, wb)
+    bus.add(a), bus.add(b)
+    a_home, b_home = a.bar_address(1), b.bar_address(1)
+    write_cfg(pio, 1, 0x14, b_home)  # a's BAR onto b's: refused
+    write_cfg(pio, 1, 0x14, a_home)  # and back
+    assert bus.mmio.read(b_home, 4) == 0xB and bus.mmio.read(a_home, 4) == 0xA
+
+
+class MmioWindow:
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def mmio_read(self, offset: int, size: int) -> int:
+        return self.value
+
+    def mmio_write(self, offset: int, size: int, value: int) -> None:
+        pass

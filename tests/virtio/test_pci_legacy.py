@@ -222,3 +222,42 @@ def test_any_register_access_sequence_never_raises(ops: list[tuple[bool, int, in
             drv.w(offset, size, value & ((1 << (8 * size)) - 1))
         else:
             assert 0 <= drv.r(offset, size) < (1 << (8 * size))
+
+
+class RecordingNotifier:
+    def __init__(self) -> None:
+        self.ports: dict[int, int] = {}  # fd -> port
+        self.next_fd = 100
+
+    def add_ioeventfd(self, port: int, datamatch: int, callback) -> int:  # type: ignore[no-untyped-def]
+        self.next_fd += 1
+        self.ports[self.next_fd] = port
+        return self.next_fd
+
+    def remove_ioeventfd(self, fd: int, port: int, datamatch: int) -> None:
+        del self.ports[fd]
+
+    def defer(self, callback) -> None:  # type: ignore[no-untyped-def]
+        callback()
+
+
+def test_queue_notify_ioeventfd_never_sits_on_a_refused_bar_address(mem: GuestMemory) -> None:
+    """After the bus refused a BAR0 move (ports in use), config space holds the written
+    address but nothing decodes there: placing a queue must not register its notify
+    ioeventfd on another device's ports (issue 19, defect 7)."""
+    from kvmm.devices.bus import PioBus
+    from kvmm.devices.pci import PciBus
+    from kvmm.irq import LineInterrupt
+
+    pio = PioBus()
+    bus = PciBus(pio)
+    notifier = RecordingNotifier()
+    t = L.VirtioPciLegacy(EchoDevice(), mem, LineInterrupt(lambda level: None), notifier=notifier)
+    bus.add(t)
+    t.config_write(0x10, 4, 0xCC0 | 1)  # over PCI configuration's ports: refused
+    t.pio_write(L.QUEUE_SEL, 2, 0)
+    t.pio_write(L.QUEUE_PFN, 4, 0x10)
+    assert t.queues[0].ready and notifier.ports == {}
+    home = 0xD000
+    t.config_write(0x10, 4, home | 1)
+    assert list(notifier.ports.values()) == [home + L.QUEUE_NOTIFY]
