@@ -25,8 +25,10 @@ import threading
 
 from .devices.bus import PioBus
 from .kvm.system import Vm
+from .ratelimit import RateLimitedLog
 
 LOG = logging.getLogger(__name__)
+_LOG = RateLimitedLog(LOG)  # the ring is written as the guest writes the port: never a flood of lines
 
 _HEADER = struct.Struct("<II")  # first, last (kvm_coalesced_mmio_ring)
 _ENTRY = struct.Struct("<QII8s")  # phys_addr (the port), len, pio, data
@@ -58,7 +60,7 @@ class CoalescedPio:
         with self.lock:
             first, last = _HEADER.unpack_from(self.ring, 0)
             if not (first < self.capacity and last < self.capacity):  # KVM's to keep right; never trust a shared page
-                LOG.error("coalesced ring indices %d/%d outside its %d entries: dropped", first, last, self.capacity)
+                _LOG.error("coalesced ring indices %d/%d outside its %d entries: dropped", first, last, self.capacity)
                 _HEADER.pack_into(self.ring, 0, last % self.capacity, last % self.capacity)
                 return 0
             n = 0

@@ -19,10 +19,13 @@ import tty
 from collections import deque
 from typing import TYPE_CHECKING, Callable, Protocol
 
+from .ratelimit import RateLimitedLog
+
 if TYPE_CHECKING:
     from .eventloop import EventLoop
 
 LOG = logging.getLogger(__name__)
+_LOG = RateLimitedLog(LOG)  # output is flushed as often as the guest writes lines
 
 LineListener = Callable[[bytes], None]
 FLUSH_THRESHOLD = 4096
@@ -110,7 +113,7 @@ class ConsoleOutput:
         except BlockingIOError:
             pass  # a non-blocking terminal that is full: drop rather than stall the vCPU
         except OSError as exc:
-            LOG.warning("console output failed: %s", exc.strerror)
+            _LOG.warning("console output failed: %s", exc.strerror)
 
     def flush(self) -> None:
         with self.lock:

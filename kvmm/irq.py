@@ -35,8 +35,10 @@ from .kvm import ioctls as K
 from .kvm.structs import ffi
 from .kvm.system import Vm, ioctl_buf
 from .layout import FIRST_MSI_GSI, IOAPIC_PINS
+from .ratelimit import RateLimitedLog
 
 LOG = logging.getLogger(__name__)
+_LOG = RateLimitedLog(LOG)  # ioeventfds come and go as the guest places queues and moves BARs
 
 KVM_IRQ_ROUTING_IRQCHIP = 1
 KVM_IRQ_ROUTING_MSI = 2
@@ -313,7 +315,7 @@ class IoEventNotifier:
         try:
             self.vm.ioeventfd(fd, port, 2, datamatch=datamatch, deassign=True)
         except KvmError as exc:
-            LOG.debug("removing ioeventfd on port %#x: %s", port, exc)
+            _LOG.debug("removing ioeventfd on port %#x: %s", port, exc)
 
         def drop() -> None:
             if fd in self.fds:

@@ -10,6 +10,8 @@ import logging
 from collections import Counter
 from typing import Protocol
 
+from ..ratelimit import RateLimitedLog
+
 LOG = logging.getLogger(__name__)
 
 
@@ -22,7 +24,8 @@ class PioDevice(Protocol):
 class PioBus:
     def __init__(self) -> None:
         self._ports: dict[int, tuple[PioDevice, int]] = {}
-        self.unhandled: Counter[int] = Counter()
+        self.unhandled: Counter[int] = Counter()  # at most one entry per port (65536)
+        self.log = RateLimitedLog(LOG)
 
     def register(self, base: int, length: int, device: PioDevice) -> None:
         for port in range(base, base + length):
@@ -56,8 +59,8 @@ class PioBus:
         dev.pio_write(port - base, size, value)
 
     def _unhandled(self, port: int, what: str) -> None:
-        if port not in self.unhandled:
-            LOG.debug("guest %s of unclaimed I/O port %#x (further accesses counted, not logged)", what, port)
+        if port not in self.unhandled:  # a scan of all 65536 ports is still rate-limited
+            self.log.debug("guest %s of unclaimed I/O port %#x (further accesses counted, not logged)", what, port)
         self.unhandled[port] += 1
 
 

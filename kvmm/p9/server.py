@@ -39,6 +39,7 @@ from . import hostfs
 from . import wire as W
 
 LOG = logging.getLogger(__name__)
+_LOG = RateLimitedLog(LOG)  # guest-triggered lines outside a server instance
 
 MIN_MSIZE = 4096  # Linux refuses less (net/9p/client.c)
 V9FS_MAGIC = 0x01021997  # what Rstatfs reports as the file system type
@@ -108,6 +109,7 @@ class FileServer:
         self.name = name
         self.limits = limits
         self.log = RateLimitedLog(LOG)
+        self.trace = RateLimitedLog(LOG, burst=200)  # a debug line per request: generous, still bounded
         self.root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             pseudo = hostfs.is_pseudo_fs(self.root_fd)
@@ -158,7 +160,7 @@ class FileServer:
                 return self._write(tag, body_len, reader, writer)
             body = reader.read(body_len)
             req = W.parse(mtype, tag, body)
-            LOG.debug("%s: %s", self.name, req)
+            self.trace.debug("%s: %s", self.name, req)
             if mtype in (W.TREAD, W.TREADDIR):
                 return self._read(req, writer) if mtype == W.TREAD else self._readdir(req, writer)
             if self.read_only and mtype in MODIFYING:
@@ -186,7 +188,7 @@ class FileServer:
 
     def _error(self, tag: int, err: int) -> bytes:
         self.stats["errors"] += 1
-        LOG.debug("%s: tag %d: Rlerror %s", self.name, tag, errno.errorcode.get(err, err))
+        self.trace.debug("%s: tag %d: Rlerror %s", self.name, tag, errno.errorcode.get(err, err))
         return W.lerror(tag, err)
 
     # --- fids ---------------------------------------------------------------------------------
@@ -527,7 +529,7 @@ class FileServer:
         fid_num, offset, count = W.TWRITE_FIXED.unpack(fixed)
         if count > body_len - W.TWRITE_FIXED.size:
             raise W.MessageError(f"Twrite of {count} bytes in a message holding {body_len - W.TWRITE_FIXED.size}")
-        LOG.debug("%s: Twrite(tag=%d, fid=%d, offset=%d, count=%d)", self.name, tag, fid_num, offset, count)
+        self.trace.debug("%s: Twrite(tag=%d, fid=%d, offset=%d, count=%d)", self.name, tag, fid_num, offset, count)
         try:
             if self.read_only:
                 raise P9Error(errno.EROFS)
@@ -784,7 +786,7 @@ def _chgrp(fd: int, gid: int, nofollow_name: tuple[int, bytes] | None = None) ->
         else:
             os.fchown(fd, -1, gid)
     except OSError as exc:
-        LOG.debug("chgrp to %d failed: %s", gid, exc.strerror)
+        _LOG.debug("chgrp to %d failed: %s", gid, exc.strerror)
 
 
 def _flock(p9type: int, start: int, length: int, pid: int) -> bytes:

@@ -173,7 +173,7 @@ class VirtioNet(DeviceBase):
             self.tx_dropped += 1  # the tap's queue is full: drop, as a NIC would
         except OSError as exc:
             self.tx_dropped += 1
-            LOG.debug("virtio-net: tap write failed: %s", exc.strerror)
+            self.log.debug("virtio-net: tap write failed: %s", exc.strerror)
         return 0
 
     # --- host side ----------------------------------------------------------------------
@@ -198,7 +198,7 @@ class VirtioNet(DeviceBase):
                 except BlockingIOError:
                     break
                 except OSError as exc:
-                    LOG.debug("virtio-net: tap read failed: %s", exc.strerror)
+                    self.log.debug("virtio-net: tap read failed: %s", exc.strerror)
                     break
                 self.pending = memoryview(self.rx_buffer)[:n]
             dropped = self.rx_dropped

@@ -126,7 +126,7 @@ class VirtioPciLegacy(PciDevice):
         self.lock = threading.RLock()
         self.queues = [Queue(size) for size in device.queue_sizes]
         self.notify_host = notifier
-        self.log = RateLimitedLog(LOG)  # guest-triggered warnings
+        self.log = RateLimitedLog(LOG)  # every line a guest can trigger (docs/security.md)
         self._ioeventfds: dict[int, tuple[int, int]] = {}  # queue -> (eventfd, port)
         self.notify_exits = 0  # QUEUE_NOTIFY writes that reached kvmm as VM exits
         self.notify_events = 0  # ... and as ioeventfd wake-ups (no exit)
@@ -218,7 +218,7 @@ class VirtioPciLegacy(PciDevice):
                 was = self.msix.enabled
                 self.msix.set_control(int.from_bytes(self.config[cap_control : cap_control + 2], "little"))
                 if self.msix.enabled != was:
-                    LOG.info("virtio %s at %02x.0: guest %s MSI-X (%d vectors)", type(self.device).__name__, self.slot,
+                    self.log.info("virtio %s at %02x.0: guest %s MSI-X (%d vectors)", type(self.device).__name__, self.slot,
                              "enabled" if self.msix.enabled else "disabled", self.msix.nvec)
                 if self.msix.enabled:
                     self.isr = 0
@@ -332,7 +332,7 @@ class VirtioPciLegacy(PciDevice):
             elif (offset, size) == (STATUS, 1):
                 self._set_status(value)
             else:
-                LOG.debug("virtio-pci: ignored write of %d bytes at offset %d", size, offset)
+                self.log.debug("virtio-pci: ignored write of %d bytes at offset %d", size, offset)
 
     def _set_queue_pfn(self, pfn: int) -> None:
         q = self._selected()
@@ -392,7 +392,7 @@ class VirtioPciLegacy(PciDevice):
             return
         self.status = value & 0xFF
         if value & vd.STATUS_FAILED:
-            LOG.info("virtio %s: the driver gave up on the device (status FAILED)", type(self.device).__name__)
+            self.log.info("virtio %s: the driver gave up on the device (status FAILED)", type(self.device).__name__)
         if value & vd.STATUS_DRIVER_OK and not self.activated:
             self._activate()
 
@@ -408,7 +408,7 @@ class VirtioPciLegacy(PciDevice):
 
     def _notify(self, index: int) -> None:
         if index >= len(self.queues):
-            LOG.debug("virtio-pci: notify of queue %d, which does not exist", index)
+            self.log.debug("virtio-pci: notify of queue %d, which does not exist", index)
             return
         if not self.activated or self.status & vd.STATUS_DEVICE_NEEDS_RESET or not self.queues[index].ready:
             return
