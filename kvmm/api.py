@@ -11,8 +11,10 @@ several requests in turn. Commands (docs/snapshots.md, "The control socket"):
 ``shutdown``  end the VM (kvmm exits with status 0)
 ``stats``     exits to kvmm by kind and device counters
 
-The server runs on the machine's I/O thread, so a request never races device work. The
-socket is created with mode 0600: whoever can connect controls the VM.
+The server runs on the machine's I/O thread, so a request never races device work, and
+no client can stall that thread (non-blocking sockets, a bounded outbox per client, a
+request of at most 64 KiB). The socket is created with mode 0600: whoever can connect
+controls the VM.
 """
 
 from __future__ import annotations
@@ -27,13 +29,16 @@ from typing import TYPE_CHECKING, Any
 
 from .config import Outcome, VmResult
 from .errors import ConfigError, KvmmError
+from .ratelimit import RateLimitedLog
 
 if TYPE_CHECKING:
     from .vm import Machine
 
 LOG = logging.getLogger(__name__)
 
-MAX_REQUEST = 64 << 10
+MAX_REQUEST = 64 << 10  # bytes of one request line, newline excluded (docs/snapshots.md)
+OUTBOX_LIMIT = 1 << 20  # answers waiting for a client that does not read them; then it is dropped
+LISTEN_BACKLOG = 128  # connections the kernel queues while the I/O thread is busy (a snapshot)
 COMMANDS = ("status", "pause", "resume", "snapshot", "shutdown", "stats")
 
 
@@ -41,10 +46,30 @@ class ApiError(KvmmError):
     """A control-socket request that cannot be served (sent back as ``error``)."""
 
 
+class _Client:
+    """One connection: its unparsed input and its unsent answers."""
+
+    __slots__ = ("sock", "fd", "inbox", "outbox", "closed")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.inbox = bytearray()  # the start of a request whose newline has not come yet
+        self.outbox = bytearray()
+        self.closed = False
+
+
 class ApiServer:
+    """The control socket on the machine's I/O thread. No client can hold that thread:
+    sockets are non-blocking, answers wait in a per-client outbox of at most
+    :data:`OUTBOX_LIMIT` bytes (a client that lets it fill is dropped), a request line
+    may be at most :data:`MAX_REQUEST` bytes, and lines are split in place (each byte
+    received is copied a bounded number of times, however many lines one read holds)."""
+
     def __init__(self, machine: Machine, path: str) -> None:
         self.machine = machine
         self.path = path
+        self.log = RateLimitedLog(LOG)  # clients can repeat what they do at will, too
         _claim(path)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         old_umask = os.umask(0o177)  # a socket is made 0777 & ~umask: 0600, as documented
@@ -55,62 +80,138 @@ class ApiServer:
             raise ConfigError(f"cannot create the control socket {path}: {exc.strerror}") from None
         finally:
             os.umask(old_umask)
-        self.sock.listen(8)
-        self.conns: dict[int, tuple[socket.socket, bytearray]] = {}
+        self.sock.listen(LISTEN_BACKLOG)
+        self.clients: dict[int, _Client] = {}
         machine.loop.add_reader(self.sock.fileno(), self._accept, quiesce=False)
         LOG.info("control socket at %s", path)
 
     def _accept(self) -> None:
-        try:
-            conn, _ = self.sock.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:  # out of file descriptors, say: the VM goes on, the client is not served
-            LOG.warning("control socket: cannot accept a connection: %s", exc.strerror)
-            return
-        conn.setblocking(False)
-        self.conns[conn.fileno()] = (conn, bytearray())
-        self.machine.loop.add_reader(conn.fileno(), lambda: self._readable(conn), quiesce=False)
+        for _ in range(LISTEN_BACKLOG):  # everyone waiting, but a bounded turn
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # out of file descriptors, say: the VM goes on, the client is not served
+                self.log.warning("control socket: cannot accept a connection: %s", exc.strerror)
+                return
+            conn.setblocking(False)
+            client = _Client(conn)
+            self.clients[client.fd] = client
+            self.machine.loop.add_reader(client.fd, lambda c=client: self._readable(c), quiesce=False)
 
-    def _readable(self, conn: socket.socket) -> None:
-        _, buf = self.conns[conn.fileno()]
+    def _readable(self, client: _Client) -> None:
+        if client.closed:
+            return
         try:
-            data = conn.recv(65536)
+            data = client.sock.recv(65536)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             data = b""
         if not data:
-            self._drop(conn)
+            self._drop(client)
             return
-        buf += data
-        while b"\n" in buf:
-            line, _, rest = bytes(buf).partition(b"\n")
-            buf[:] = rest
-            if not self._reply(conn, self.handle_line(line)):
+        self.take_input(client, data)
+
+    def take_input(self, client: _Client, data: bytes) -> None:
+        """Serve every complete request line in ``data`` (after what ``client`` sent
+        before), keep the incomplete rest. A request longer than MAX_REQUEST is answered
+        with an error and the connection closed (its end cannot be found reliably)."""
+        inbox = client.inbox
+        start = 0
+        if inbox:
+            # The partial request from before: only as much as can complete it is copied.
+            nl = data.find(b"\n", 0, MAX_REQUEST + 1 - len(inbox))
+            if nl < 0:
+                inbox += data[: MAX_REQUEST + 1 - len(inbox)]
+                if len(inbox) > MAX_REQUEST:
+                    self._refuse_long(client)
                 return
-        if len(buf) > MAX_REQUEST:
-            self._reply(conn, {"ok": False, "error": f"request longer than {MAX_REQUEST} bytes"})
-            self._drop(conn)
+            inbox += data[:nl]
+            line = bytes(inbox)
+            inbox.clear()
+            if not self._serve(client, line):
+                return
+            start = nl + 1
+        view = memoryview(data)
+        end = len(data)
+        while start < end:
+            nl = data.find(b"\n", start, start + MAX_REQUEST + 1)
+            if nl < 0:
+                if end - start > MAX_REQUEST:
+                    self._refuse_long(client)
+                else:
+                    inbox += view[start:]
+                break
+            if not self._serve(client, view[start:nl]):
+                return
+            start = nl + 1
+        self._flush(client)
 
-    def _reply(self, conn: socket.socket, response: dict[str, Any]) -> bool:
-        try:
-            conn.settimeout(2.0)  # a client that does not read its answer is dropped
-            conn.sendall(json.dumps(response).encode() + b"\n")
-            conn.setblocking(False)
-            return True
-        except OSError:
-            self._drop(conn)
+    def _refuse_long(self, client: _Client) -> None:
+        self._queue(client, {"ok": False, "error": f"request longer than {MAX_REQUEST} bytes"})
+        self._flush(client)
+        self._drop(client)
+
+    def _serve(self, client: _Client, line: bytes | memoryview) -> bool:
+        """Answer one request line; False if the client was dropped meanwhile."""
+        return self._queue(client, self.handle_line(line))
+
+    def _queue(self, client: _Client, response: dict[str, Any]) -> bool:
+        if client.closed:
             return False
-
-    def _drop(self, conn: socket.socket) -> None:
-        self.machine.loop.remove_reader(conn.fileno())
-        self.conns.pop(conn.fileno(), None)
-        conn.close()
-
-    def handle_line(self, line: bytes) -> dict[str, Any]:
         try:
-            request = json.loads(line)
+            answer = json.dumps(response).encode()
+        except (TypeError, ValueError) as exc:  # a kvmm bug: an answer JSON cannot carry
+            self.log.exception("control socket: an answer could not be encoded")
+            answer = json.dumps({"ok": False, "error": f"internal error: {exc!r}"}).encode()
+        client.outbox += answer + b"\n"
+        if len(client.outbox) > OUTBOX_LIMIT:
+            self._flush(client)  # a client that reads as it sends keeps up
+            if len(client.outbox) > OUTBOX_LIMIT:
+                self.log.warning("control socket: a client left %d bytes of answers unread; dropped",
+                                 len(client.outbox))
+                self._drop(client)
+                return False
+        return True
+
+    def _flush(self, client: _Client) -> None:
+        """Send what the socket takes now; the rest when it is writable again."""
+        if client.closed:
+            return
+        out = client.outbox
+        sent = 0
+        try:
+            while sent < len(out):
+                n = client.sock.send(memoryview(out)[sent:])
+                if n <= 0:
+                    break
+                sent += n
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:  # the client went away
+            self._drop(client)
+            return
+        del out[:sent]
+        if out:
+            self.machine.loop.add_writer(client.fd, lambda: self._flush(client))
+        else:
+            self.machine.loop.remove_writer(client.fd)
+
+    def _drop(self, client: _Client) -> None:
+        if client.closed:
+            return
+        client.closed = True
+        self.machine.loop.remove_writer(client.fd)
+        self.machine.loop.remove_reader(client.fd)
+        self.clients.pop(client.fd, None)
+        client.outbox.clear()
+        client.inbox.clear()
+        client.sock.close()
+
+    def handle_line(self, line: bytes | memoryview) -> dict[str, Any]:
+        try:
+            request = json.loads(line.tobytes() if isinstance(line, memoryview) else line)
         except (ValueError, UnicodeDecodeError, RecursionError):
             return {"ok": False, "error": "the request is not valid JSON"}
         try:
@@ -120,7 +221,7 @@ class ApiServer:
         except KvmmError as exc:
             return {"ok": False, "error": str(exc)}
         except Exception as exc:  # a kvmm bug: report it, keep serving
-            LOG.exception("control socket: %s failed", request.get("command"))
+            self.log.exception("control socket: %s failed", request.get("command"))
             return {"ok": False, "error": f"internal error: {exc!r}"}
 
     def handle(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -153,8 +254,8 @@ class ApiServer:
         return {"state": m.status()["state"]}
 
     def close(self) -> None:
-        for conn, _ in list(self.conns.values()):
-            self._drop(conn)
+        for client in list(self.clients.values()):
+            self._drop(client)
         self.machine.loop.remove_reader(self.sock.fileno())
         self.sock.close()
         try:

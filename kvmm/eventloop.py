@@ -18,13 +18,24 @@ from typing import Any, Callable
 LOG = logging.getLogger(__name__)
 
 Callback = Callable[[], None]
+_KEEP: Any = object()
+
+
+class _Handlers:
+    """What to call when an fd is readable and when it is writable (either may be None)."""
+
+    __slots__ = ("read", "write")
+
+    def __init__(self) -> None:
+        self.read: Callback | None = None
+        self.write: Callback | None = None
 
 
 class EventLoop:
     def __init__(self) -> None:
         self.selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.selector.register(self._wake_r, selectors.EVENT_READ, self._drain_wakeup)
+        self._set(self._wake_r, read=self._drain_wakeup)
         self._pending: deque[Callback] = deque()
         self._lock = threading.Lock()
         self._quiescible: set[int] = set()
@@ -45,19 +56,49 @@ class EventLoop:
             if self._held is not None:
                 self._held[fd] = callback
                 return
-        self.selector.register(fd, selectors.EVENT_READ, callback)
+        self._set(fd, read=callback)
 
     def remove_reader(self, fd: int) -> None:
         self._quiescible.discard(fd)
         if self._held is not None:
             self._held.pop(fd, None)
-        try:
-            self.selector.unregister(fd)
-        except (KeyError, ValueError):
-            pass
+        self._set(fd, read=None)
+
+    def add_writer(self, fd: int, callback: Callback) -> None:
+        """Call ``callback`` while ``fd`` is writable (until :meth:`remove_writer`): a
+        non-blocking socket's pending output. Never held by :meth:`hold`."""
+        self._set(fd, write=callback)
+
+    def remove_writer(self, fd: int) -> None:
+        self._set(fd, write=None)
 
     def has_reader(self, fd: int) -> bool:
-        return fd in self.selector.get_map() or (self._held is not None and fd in self._held)
+        key = self.selector.get_map().get(fd)
+        return (key is not None and key.data.read is not None) or (self._held is not None and fd in self._held)
+
+    def _set(self, fd: int, read: Callback | None = _KEEP, write: Callback | None = _KEEP) -> None:
+        """(Re)register ``fd`` for the events it has a callback for."""
+        try:
+            key = self.selector.get_map().get(fd)
+        except (KeyError, ValueError):  # a closed fd
+            key = None
+        h = key.data if key is not None else _Handlers()
+        if read is not _KEEP:
+            h.read = read
+        if write is not _KEEP:
+            h.write = write
+        events = (selectors.EVENT_READ if h.read is not None else 0) | (selectors.EVENT_WRITE if h.write is not None else 0)
+        try:
+            if not events:
+                if key is not None:
+                    self.selector.unregister(fd)
+            elif key is None:
+                self.selector.register(fd, events, h)
+            elif key.events != events:
+                self.selector.modify(fd, events, h)
+        except (KeyError, ValueError, OSError):
+            if events:
+                raise
 
     def hold(self) -> None:
         """Stop serving device readers until :meth:`release` (their events wait in the
@@ -67,14 +108,14 @@ class EventLoop:
         self._held = {}
         for fd in list(self._quiescible):
             key = self.selector.get_map().get(fd)
-            if key is not None:
-                self._held[fd] = key.data
-                self.selector.unregister(fd)
+            if key is not None and key.data.read is not None:
+                self._held[fd] = key.data.read
+                self._set(fd, read=None)
 
     def release(self) -> None:
         held, self._held = self._held, None
         for fd, callback in (held or {}).items():
-            self.selector.register(fd, selectors.EVENT_READ, callback)
+            self._set(fd, read=callback)
 
     def call_soon(self, callback: Callback) -> None:
         """Run ``callback`` on the loop's thread (thread-safe)."""
@@ -121,8 +162,12 @@ class EventLoop:
             pass
 
     def run_once(self, timeout: float | None) -> None:
-        for key, _ in self.selector.select(timeout):
-            key.data()
+        for key, events in self.selector.select(timeout):
+            h = key.data
+            if events & selectors.EVENT_READ and h.read is not None:
+                h.read()
+            if events & selectors.EVENT_WRITE and h.write is not None:
+                h.write()
         while True:
             with self._lock:
                 if not self._pending:

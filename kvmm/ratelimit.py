@@ -37,7 +37,7 @@ class RateLimitedLog:
         self._budgets: dict[str, _Budget] = {}
         self._overflow = _Budget()  # shared by formats beyond MAX_MESSAGES
 
-    def log(self, level: int, msg: str, *args: object) -> None:
+    def log(self, level: int, msg: str, *args: object, exc_info: bool = False) -> None:
         logger = self.logger
         if not logger.isEnabledFor(level):
             return
@@ -54,13 +54,17 @@ class RateLimitedLog:
             b.window_start, b.count, b.dropped, b.level = now, 0, 0, logging.NOTSET
         if b.count < self.burst:
             b.count += 1
-            logger.log(level, msg, *args)
+            logger.log(level, msg, *args, exc_info=exc_info)
         else:
             b.dropped += 1
             b.level = max(b.level, level)
 
     def error(self, msg: str, *args: object) -> None:
         self.log(logging.ERROR, msg, *args)
+
+    def exception(self, msg: str, *args: object) -> None:
+        """An error with the current exception's traceback (in an ``except`` block)."""
+        self.log(logging.ERROR, msg, *args, exc_info=True)
 
     def warning(self, msg: str, *args: object) -> None:
         self.log(logging.WARNING, msg, *args)
