@@ -19,6 +19,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from kernel_images import wrap_payload  # noqa: E402
+from kvmm import api as A  # noqa: E402
 from kvmm.devices.bus import MmioBus, PioBus  # noqa: E402
 from kvmm.devices.cmos import Cmos  # noqa: E402
 from kvmm.devices.i8042 import I8042  # noqa: E402
@@ -525,6 +526,78 @@ def fuzz_multiboot(data: bytes) -> int:
     except KernelImageError:
         pass
     return 1
+
+
+class _ApiMachine:
+    """What the control socket uses of a Machine, with no VM behind it: commands change
+    a little state, snapshot refuses as a real machine does for a bad path."""
+
+    def __init__(self) -> None:
+        self.loop = _loop
+        self.stopped = self.paused = False
+
+    def status(self) -> dict[str, object]:
+        return {"state": "stopped" if self.stopped else "paused" if self.paused else "running", "uptime": 0.0}
+
+    def pause(self) -> None:
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+
+    def snapshot(self, path: str) -> dict[str, object]:
+        raise SnapshotError(f"{path!r:.40} refused by the fuzz machine")
+
+    def stop(self, result: object) -> None:
+        self.stopped = True
+
+    def exit_report(self) -> dict[str, int]:
+        return {"IoExit": 1}
+
+
+_api_machine = _ApiMachine()
+_api = A.ApiServer(_api_machine, os.path.join(_tmp, "api.sock"))  # type: ignore[arg-type]
+
+
+def fuzz_control_socket(data: bytes) -> None:
+    """A control-socket client's bytes through the server's request path (line
+    splitting, the size bound, JSON parsing, dispatch, the outbox) into a fake machine.
+    The first byte: the size of each read the server sees (1-128 bytes, 0: all at once),
+    and with bit 7 the input repeated past 64 KiB. Every answer must be one JSON object
+    with "ok", the outbox bounded, nothing raised."""
+    r = _Reader(data)
+    mode = r.take(1)
+    payload = r.rest()
+    if mode & 0x80 and payload:
+        payload = payload * (A.MAX_REQUEST // len(payload) + 2)
+    _api_machine.stopped = _api_machine.paused = False
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    ours.setblocking(False)
+    theirs.setblocking(False)
+    client = A._Client(ours)
+    _api.clients[client.fd] = client
+    step = (mode & 0x7F) or len(payload) or 1
+    try:
+        for at in range(0, len(payload), step):
+            _api.take_input(client, payload[at : at + step])
+            assert len(client.outbox) <= A.OUTBOX_LIMIT, len(client.outbox)
+            if client.closed:
+                break
+        answers = b""
+        while True:
+            try:
+                chunk = theirs.recv(1 << 20)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            answers += chunk
+        for line in answers.split(b"\n")[:-1]:
+            answer = json.loads(line)
+            assert isinstance(answer, dict) and isinstance(answer.get("ok"), bool), answer
+    finally:
+        _api._drop(client)
+        theirs.close()
 
 
 TARGETS = {name[len("fuzz_"):]: fn for name, fn in list(globals().items()) if name.startswith("fuzz_")}
