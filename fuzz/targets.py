@@ -559,24 +559,27 @@ _api_machine = _ApiMachine()
 _api = A.ApiServer(_api_machine, os.path.join(_tmp, "api.sock"))  # type: ignore[arg-type]
 
 
-def fuzz_control_socket(data: bytes) -> None:
+def fuzz_control_socket(data: bytes) -> int:
     """A control-socket client's bytes through the server's request path (line
     splitting, the size bound, JSON parsing, dispatch, the outbox) into a fake machine.
-    The first byte: the size of each read the server sees (1-128 bytes, 0: all at once),
-    and with bit 7 the input repeated past 64 KiB. Every answer must be one JSON object
-    with "ok", the outbox bounded, nothing raised."""
+    The first byte: the size of each read the server sees (1-127 bytes, 0: all at once),
+    and with bit 7 64 KiB of blanks in the middle of the input (a request at or past the
+    size bound, read in 1-127 KiB pieces). Every answer must be one JSON object
+    with "ok", the outbox bounded, nothing raised. Returns the answers: the requests served."""
     r = _Reader(data)
     mode = r.take(1)
     payload = r.rest()
-    if mode & 0x80 and payload:
-        payload = payload * (A.MAX_REQUEST // len(payload) + 2)
+    long = bool(mode & 0x80)
+    if long:
+        half = len(payload) // 2
+        payload = payload[:half] + b" " * A.MAX_REQUEST + payload[half:]
     _api_machine.stopped = _api_machine.paused = False
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     ours.setblocking(False)
     theirs.setblocking(False)
     client = A._Client(ours)
     _api.clients[client.fd] = client
-    step = (mode & 0x7F) or len(payload) or 1
+    step = ((mode & 0x7F) << (10 if long else 0)) or len(payload) or 1
     try:
         for at in range(0, len(payload), step):
             _api.take_input(client, payload[at : at + step])
@@ -592,9 +595,11 @@ def fuzz_control_socket(data: bytes) -> None:
             if not chunk:
                 break
             answers += chunk
-        for line in answers.split(b"\n")[:-1]:
+        lines = answers.split(b"\n")[:-1]
+        for line in lines:
             answer = json.loads(line)
             assert isinstance(answer, dict) and isinstance(answer.get("ok"), bool), answer
+        return len(lines)
     finally:
         _api._drop(client)
         theirs.close()

@@ -19,6 +19,7 @@ controls the VM.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -97,7 +98,7 @@ class ApiServer:
             conn.setblocking(False)
             client = _Client(conn)
             self.clients[client.fd] = client
-            self.machine.loop.add_reader(client.fd, lambda c=client: self._readable(c), quiesce=False)
+            self.machine.loop.add_reader(client.fd, functools.partial(self._readable, client), quiesce=False)
 
     def _readable(self, client: _Client) -> None:
         if client.closed:
