@@ -40,6 +40,7 @@ LOG = logging.getLogger(__name__)
 MAX_REQUEST = 64 << 10  # bytes of one request line, newline excluded (docs/snapshots.md)
 OUTBOX_LIMIT = 1 << 20  # answers waiting for a client that does not read them; then it is dropped
 LISTEN_BACKLOG = 128  # connections the kernel queues while the I/O thread is busy (a snapshot)
+MAX_CLIENTS = 64  # connections served at once (each holds an fd); more wait in the listen queue
 COMMANDS = ("status", "pause", "resume", "snapshot", "shutdown", "stats")
 
 
@@ -83,11 +84,21 @@ class ApiServer:
             os.umask(old_umask)
         self.sock.listen(LISTEN_BACKLOG)
         self.clients: dict[int, _Client] = {}
+        self._accepting = True
         machine.loop.add_reader(self.sock.fileno(), self._accept, quiesce=False)
         LOG.info("control socket at %s", path)
 
     def _accept(self) -> None:
         for _ in range(LISTEN_BACKLOG):  # everyone waiting, but a bounded turn
+            if len(self.clients) >= MAX_CLIENTS:
+                # The rest wait in the kernel's listen queue (connect() waits or fails
+                # there, as with any busy server) until a client leaves: connections
+                # without end must not use up kvmm's file descriptors (the disks', a
+                # snapshot's). The listening socket is not watched meanwhile, or the
+                # loop would spin on it.
+                self.machine.loop.remove_reader(self.sock.fileno())
+                self._accepting = False
+                return
             try:
                 conn, _ = self.sock.accept()
             except (BlockingIOError, InterruptedError):
@@ -209,6 +220,9 @@ class ApiServer:
         client.outbox.clear()
         client.inbox.clear()
         client.sock.close()
+        if not self._accepting and len(self.clients) < MAX_CLIENTS and self.sock.fileno() >= 0:
+            self._accepting = True
+            self.machine.loop.add_reader(self.sock.fileno(), self._accept, quiesce=False)
 
     def handle_line(self, line: bytes | memoryview) -> dict[str, Any]:
         try:
@@ -287,13 +301,21 @@ def _claim(path: str) -> None:
 def request(socket_path: str, command: str, timeout: float = 60.0, **args: Any) -> dict[str, Any]:
     """Send one request to a kvmm control socket and return its JSON response
     (``request("/tmp/vm.sock", "snapshot", path="snap1")``). Raises OSError if the socket
-    cannot be reached, TimeoutError if no answer comes within ``timeout`` seconds."""
+    cannot be reached, TimeoutError if no answer comes within ``timeout`` seconds. A full
+    listen queue (kvmm's I/O thread busy, a snapshot say) is waited out within ``timeout``."""
+    deadline = time.monotonic() + timeout
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as s:
         s.settimeout(timeout)
-        s.connect(socket_path)
+        while True:
+            try:
+                s.connect(socket_path)
+                break
+            except BlockingIOError:  # EAGAIN: the listen queue is full, kvmm has not accepted yet
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"kvmm did not accept the control connection within {timeout:g} s") from None
+                time.sleep(0.05)
         s.sendall(json.dumps({"command": command, **args}).encode() + b"\n")
         buf = b""
-        deadline = time.monotonic() + timeout
         while b"\n" not in buf:
             s.settimeout(max(deadline - time.monotonic(), 0.001))
             try:

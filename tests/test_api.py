@@ -239,3 +239,46 @@ def test_close_drops_every_client_and_removes_the_socket(tmp_path: Path) -> None
     assert not srv.clients and not os.path.exists(srv.path)
     assert s.recv(10) == b""
     m.loop.close()
+
+
+def test_at_most_64_clients_are_served_at_once_the_rest_wait_in_the_listen_queue(server) -> None:  # type: ignore[no-untyped-def]
+    """Each client holds an fd of kvmm's: connections without end must not use them up.
+    Beyond MAX_CLIENTS, connections wait in the kernel's queue and are served as others
+    leave; the loop does not spin on the listening socket meanwhile."""
+    srv, m = server
+    clients = [connect(srv) for _ in range(A.MAX_CLIENTS + 6)]
+    serve(m, lambda: len(srv.clients) == A.MAX_CLIENTS)
+    for _ in range(20):
+        m.loop.run_once(0)
+    assert len(srv.clients) == A.MAX_CLIENTS and not m.loop.has_reader(srv.sock.fileno())
+    last = clients[-1]
+    last.sendall(b'{"command": "status"}\n')
+    for c in clients[:6]:
+        c.close()
+    assert answers(last, 1, m)[0]["ok"] is True
+    for c in clients[6:]:
+        c.close()
+    serve(m, lambda: not srv.clients)
+    assert m.loop.has_reader(srv.sock.fileno())
+
+
+def test_request_waits_out_a_full_listen_queue_instead_of_failing_at_once(server) -> None:  # type: ignore[no-untyped-def]
+    """`kvmm ctl` while kvmm's I/O thread is busy and the listen queue full: connect()
+    says EAGAIN, and request() tries again until its timeout rather than failing (exit 16)."""
+    srv, m = server
+    fillers = []
+    while True:
+        try:
+            fillers.append(connect(srv, blocking=False))
+        except BlockingIOError:
+            break
+    result: list[object] = []
+    t = threading.Thread(target=lambda: result.append(A.request(srv.path, "status", timeout=30)))
+    t.start()
+    time.sleep(0.3)
+    assert not result  # still waiting for room in the queue
+    for f in fillers:
+        f.close()
+    serve(m, lambda: bool(result), timeout=30)
+    t.join()
+    assert result[0]["ok"] is True  # type: ignore[index]
