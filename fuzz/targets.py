@@ -20,6 +20,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from kernel_images import wrap_payload  # noqa: E402
 from kvmm import api as A  # noqa: E402
+from kvmm.devices.acpi_pm import AcpiPm  # noqa: E402
 from kvmm.devices.bus import MmioBus, PioBus  # noqa: E402
 from kvmm.devices.cmos import Cmos  # noqa: E402
 from kvmm.devices.i8042 import I8042  # noqa: E402
@@ -404,34 +405,39 @@ def fuzz_pci_config(data: bytes) -> int:
 
 
 def fuzz_legacy_devices(data: bytes) -> int:
-    """UART, i8042 and CMOS registers: any access sequence, plus host input (returns the
-    number of accesses)."""
+    """UART, i8042, CMOS and ACPI PM registers: any access sequence, plus host input
+    (returns the number of accesses). The ACPI PM block takes accesses of 1, 2 or 4 bytes
+    (bits 2-1 of the operation byte) at any of its offsets, as a guest's in/out of any
+    width can reach it."""
     r = _Reader(data)
     ops = 0
     serial = Serial8250(lambda out: None, lambda level: None)
-    devices = [serial, I8042(lambda: None), Cmos()]
+    devices = [serial, I8042(lambda: None), Cmos(), AcpiPm(lambda: None, lambda: None)]
     while r.left > 0:
         ops += 1
-        dev = devices[r.take(1) % 3]
+        dev = devices[r.take(1) % 4]
         off = r.take(1) % 8
-        if r.take(1) & 1:
-            dev.pio_write(off, 1, r.take(1))  # type: ignore[attr-defined]
+        op = r.take(1)
+        size = (1, 2, 4)[(op >> 1) % 3] if isinstance(dev, AcpiPm) else 1
+        if op & 1:
+            dev.pio_write(off, size, r.take(size))  # type: ignore[attr-defined]
         else:
-            assert 0 <= dev.pio_read(off, 1) <= 0xFF  # type: ignore[attr-defined]
+            assert 0 <= dev.pio_read(off, size) < 1 << (8 * size)  # type: ignore[attr-defined]
         if r.take(1) == 0xFF:
             serial.receive(r.rest()[:32])
     return ops
 
 
-def _snapshot_devices() -> tuple[Serial8250, Cmos, PciBus, list[L.VirtioPciLegacy]]:
-    """The devices a snapshot's state is loaded into: a UART, CMOS, and virtio-blk and
-    virtio-console with MSI-X on the PCI bus (the layout of the seed corpus)."""
+def _snapshot_devices() -> tuple[Serial8250, Cmos, PciBus, list[L.VirtioPciLegacy], AcpiPm]:
+    """The devices a snapshot's state is loaded into: a UART, CMOS, virtio-blk and
+    virtio-console with MSI-X on the PCI bus, and the ACPI PM registers (the layout of
+    the seed corpus)."""
     pci = PciBus(PioBus(), MmioBus())
     transports = [L.VirtioPciLegacy(dev, _mem, LineInterrupt(lambda level: None), MsiCallbacks())  # type: ignore[arg-type]
                   for dev in (B.VirtioBlk(_disk, _mem), C.VirtioConsole(_mem, lambda data: None))]
     for t in transports:
         pci.add(t)
-    return Serial8250(lambda out: None, lambda level: None), Cmos(), pci, transports
+    return Serial8250(lambda out: None, lambda level: None), Cmos(), pci, transports, AcpiPm(lambda: None, lambda: None)
 
 
 def fuzz_snapshot_state(data: bytes) -> int:

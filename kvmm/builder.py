@@ -12,7 +12,8 @@ end. The result is a :class:`Platform`; running it is :mod:`kvmm.vm`'s and
 
 A virtio device kind is one module of :mod:`kvmm.virtio` with a ``create(ctx)`` function
 and one line in :data:`VIRTIO_DEVICES`; a legacy port device is one line in
-:data:`LEGACY_DEVICES`, at its place in :mod:`kvmm.layout`'s port map.
+:data:`LEGACY_DEVICES`, at its place in :mod:`kvmm.layout`'s port map. ACPI (kvmm/acpi/)
+is one such device and the tables written beside the MP table.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from .loader import BootInfo, is_multiboot, load_flat, load_linux, read_image
 from .memory import GuestMemory
 
 if TYPE_CHECKING:  # imported where used: a VM without snapshots or virtio devices skips them
+    from .devices.acpi_pm import AcpiPm
     from .snapshot import MachineState, Snapshot, VcpuStateIo
     from .virtio.device import VirtioDevice
     from .virtio.pci_legacy import VirtioPciLegacy
@@ -73,15 +75,30 @@ class PlatformEvents:
         self.stop, self.marker = stop, marker
 
 
-# Legacy port devices: name, ports (kvmm/layout.py), and how to make one.
-LEGACY_DEVICES: tuple[tuple[str, layout.PortRange, Callable[[Platform, PlatformEvents], PioDevice]], ...] = (
+def _acpi_pm(events: PlatformEvents) -> PioDevice:
+    from .devices.acpi_pm import AcpiPm  # only a machine with ACPI loads it
+
+    return AcpiPm(lambda: events.stop(VmResult(Outcome.POWEROFF, "guest powered off through ACPI (S5)")),
+                  lambda: events.stop(VmResult(Outcome.RESET, "guest reset through the ACPI reset register")))
+
+
+def _always(cfg: VmConfig) -> bool:
+    return True
+
+
+# Legacy port devices: name, ports (kvmm/layout.py), how to make one, and whether a
+# configuration has it.
+LEGACY_DEVICES: tuple[tuple[str, layout.PortRange, Callable[[Platform, PlatformEvents], PioDevice],
+                            Callable[[VmConfig], bool]], ...] = (
     ("serial", layout.COM1, lambda p, ev: Serial8250(p.console.write, lambda level: p.vm.irq_line(layout.COM1_IRQ, level),
-                                                     p.coalesce_serial)),
-    ("i8042", layout.I8042, lambda p, ev: I8042(lambda: ev.stop(VmResult(Outcome.RESET, "guest reset through the i8042")))),
-    ("cmos", layout.CMOS, lambda p, ev: Cmos()),
-    ("post", layout.POST, lambda p, ev: PostCode(ev.marker)),
+                                                     p.coalesce_serial), _always),
+    ("i8042", layout.I8042, lambda p, ev: I8042(lambda: ev.stop(VmResult(Outcome.RESET, "guest reset through the i8042"))),
+     _always),
+    ("cmos", layout.CMOS, lambda p, ev: Cmos(), _always),
+    ("post", layout.POST, lambda p, ev: PostCode(ev.marker), _always),
     ("debug_exit", layout.DEBUG_EXIT, lambda p, ev: DebugExit(lambda value: ev.stop(VmResult(
-        Outcome.DEBUG_EXIT, f"guest wrote {value:#x} to the debug-exit port", debug_value=value)))),
+        Outcome.DEBUG_EXIT, f"guest wrote {value:#x} to the debug-exit port", debug_value=value))), _always),
+    ("acpi_pm", layout.ACPI_PM, lambda p, ev: _acpi_pm(ev), lambda cfg: cfg.has_acpi),
 )
 
 
@@ -122,6 +139,10 @@ class Platform:
         return cast(Cmos, self.legacy["cmos"])
 
     @property
+    def acpi_pm(self) -> AcpiPm | None:
+        return cast("AcpiPm | None", self.legacy.get("acpi_pm"))
+
+    @property
     def input_device(self) -> ConsoleInput:
         """Where host input goes: the primary console (the UART, or the device that
         claimed it, virtio-console's hvc0)."""
@@ -143,6 +164,8 @@ class Platform:
         report["post_code_writes"] = cast(PostCode, self.legacy["post"]).writes if "post" in self.legacy else 0
         report["console_bytes"] = self.console.bytes_written if self.console is not None else 0
         report["coalesced_pio_writes"] = self.coalesced.replayed if self.coalesced is not None else 0
+        if self.acpi_pm is not None:
+            report.update(self.acpi_pm.counters())
         for device in self.devices:
             for key, n in device.counters().items():
                 report[f"{device.name}_{key}"] = n
@@ -167,6 +190,7 @@ class Platform:
         return MachineState(
             save_vm(self.vm), [self.vcpu_state.save(vcpu) for vcpu in self.vm.vcpus], self.serial.save_state(),
             self.cmos.save_state(), cast(PciBus, self.pci).save_state(), [t.save_state() for t in self.transports],
+            None if self.acpi_pm is None else self.acpi_pm.save_state(),
         )
 
     def load_state(self, st: MachineState) -> None:
@@ -177,7 +201,7 @@ class Platform:
         from .state import check_length
 
         restore_vm(self.vm, st.vm)
-        load_devices(st, self.serial, self.cmos, cast(PciBus, self.pci), self.transports)
+        load_devices(st, self.serial, self.cmos, cast(PciBus, self.pci), self.transports, self.acpi_pm)
         check_length("state.vcpus", st.vcpus, len(self.vm.vcpus))
         for vcpu, saved in zip(self.vm.vcpus, st.vcpus):
             self.vcpu_state.restore(vcpu, saved, f"state.vcpus[{vcpu.id}]")
@@ -273,7 +297,9 @@ def _build(cfg: VmConfig, host: HostKind, loop: EventLoop, events: PlatformEvent
                 x86.write_boot_tables(p.mem)
         _log_start(p, snapshot)
 
-        for name, ports, make in LEGACY_DEVICES:
+        for name, ports, make, wanted in LEGACY_DEVICES:
+            if not wanted(cfg):
+                continue
             p.legacy[name] = make(p, events)
             p.pio.register(ports.base, ports.length, p.legacy[name])
         p.pci = PciBus(p.pio, p.mmio)
@@ -288,6 +314,10 @@ def _build(cfg: VmConfig, host: HostKind, loop: EventLoop, events: PlatformEvent
         if p.boot is not None and p.boot.kind != "flat":
             pci_irqs = [(t.slot, 0, layout.pci_intx_gsi(t.slot)) for t in p.transports]
             p.mem.write(layout.EBDA_START, x86.build_mptable(cfg.cpus, pci_irqs=pci_irqs))
+            if cfg.has_acpi:  # kvmm/acpi/: the same machine for ACPI kernels
+                from .acpi import install
+
+                install(p.mem, cfg.cpus, pci_irqs, None if p.boot.kind == "multiboot" else p.boot.boot_params)
 
         _create_vcpus(p)
         _set_up_coalescing(p)

@@ -245,6 +245,8 @@ def build_parser(prog: str = "kvmm", smoke: bool = False) -> argparse.ArgumentPa
     p.add_argument("--no-exitless", dest="exitless", action="store_false",
                    help="serve queue notifies and UART writes as VM exits and INTx by KVM_IRQ_LINE (for comparison)")
     p.add_argument("--no-msix", dest="msix", action="store_false", help="offer virtio devices without MSI-X (INTx only)")
+    p.add_argument("--no-acpi", dest="acpi", action="store_false",
+                   help="write no ACPI tables and leave out the ACPI PM ports (the guest finds the MP table alone)")
     p.add_argument("--api-sock", type=_nonempty, metavar="PATH", help="serve the JSON control socket at PATH "
                    "(status, pause, resume, snapshot, shutdown, stats; see 'kvmm ctl --help')")
     p.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
@@ -440,7 +442,8 @@ def _main(argv: list[str], stdout_closed: bool) -> int:
         given = [opt for opt, value in (("--kernel", args.kernel), ("--initrd", args.initrd), ("--net", args.net or None),
                  ("--cmdline", args.cmdline), ("--mem", args.mem), ("--cpus", args.cpus), ("--share", args.share or None),
                  ("--module", args.module or None), ("--debug-exit", args.debug_exit),
-                 ("--pc-testdev", args.pc_testdev or None), ("--cpu-features", args.cpu_features)) if value is not None]
+                 ("--pc-testdev", args.pc_testdev or None), ("--cpu-features", args.cpu_features),
+                 ("--no-acpi", (not args.acpi) or None)) if value is not None]
         if given:
             parser.error(f"--restore takes the VM's configuration from the snapshot: drop {', '.join(given)}")
         if any("," in spec for spec in args.disk):
@@ -529,6 +532,7 @@ def _config(args: argparse.Namespace, smoke: bool, mem_size: int) -> VmConfig:
         debug_exit=DebugExitConfig.parse(args.debug_exit) if args.debug_exit else None,
         pc_testdev=args.pc_testdev,
         cpu_features=_cpu_features(args.cpu_features or ""),
+        acpi=args.acpi,
     )
 
 

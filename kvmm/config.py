@@ -229,7 +229,7 @@ def config_from_options(kernel: str, *, initrd: str | None = None, cmdline: str 
                         stdin: bool = False, api_socket: str | None = None, kernel_format: str = "auto",
                         shares: list[str | ShareConfig] | None = None, modules: list[str] | None = None,
                         debug_exit: str | DebugExitConfig | None = None, pc_testdev: bool = False,
-                        cpu_features: str = "") -> "VmConfig":
+                        cpu_features: str = "", acpi: bool = True) -> "VmConfig":
     """A :class:`VmConfig` from the command line's options as keyword arguments:
     ``mem="256M"``, ``disks=["root.img", "data.img,ro"]``, ``nets=["tap=tap0"]``,
     ``shares=["/srv/data,tag=data"]``..."""
@@ -244,7 +244,7 @@ def config_from_options(kernel: str, *, initrd: str | None = None, cmdline: str 
         rng=rng, msix=msix, exitless=exitless, api_socket=api_socket, kernel_format=kernel_format,
         shares=[sh if isinstance(sh, ShareConfig) else ShareConfig.parse(str(sh)) for sh in shares or []],
         modules=list(modules or []), pc_testdev=pc_testdev, cpu_features=_cpu_features(cpu_features),
-        debug_exit=DebugExitConfig.parse(debug_exit) if isinstance(debug_exit, str) else debug_exit,
+        debug_exit=DebugExitConfig.parse(debug_exit) if isinstance(debug_exit, str) else debug_exit, acpi=acpi,
     )
 
 
@@ -286,3 +286,10 @@ class VmConfig:
     cpu_features: tuple[tuple[str, bool], ...] = ()  # CPUID changes, e.g. (("x2apic", False),): kvmm/cpuid.py
     shares: list[ShareConfig] = field(default_factory=list)  # virtio-9p host directories
     ports: list[PortConfig] = field(default_factory=list)  # virtio-console output ports (kvmm run)
+    acpi: bool = True  # ACPI tables and the PM1/reset ports (kvmm/acpi/); False: the MP table alone (--no-acpi)
+
+    @property
+    def has_acpi(self) -> bool:
+        """Whether the machine has ACPI: asked for, and not a flat real-mode image (which
+        gets no MP table either; the tiny guests' start-up stays as it is)."""
+        return self.acpi and self.kernel_format != "flat"

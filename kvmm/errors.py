@@ -13,6 +13,7 @@
     ├── ShareError                 a --share directory missing or not shareable      11
     ├── NetError (kvmm.tap)        tap cannot be opened or attached                 14
     ├── SnapshotError              a snapshot is corrupt, truncated or mismatched   15
+    ├── AcpiError                  an ACPI table kvmm cannot encode (a kvmm bug)     1
     └── ConsoleTimeout             expected console output did not appear            5
 
 The CLI maps each to its ``exit_status`` and prints ``kvmm: error: <message>`` (README).
@@ -98,6 +99,11 @@ class SnapshotError(KvmmError):
     another kvmm version, or its disks changed)."""
 
     exit_status = EXIT_SNAPSHOT
+
+
+class AcpiError(KvmmError):
+    """An ACPI table or AML term kvmm was asked to build cannot be encoded (a value out
+    of its field's range, a name AML cannot spell): kvmm's own values, so a kvmm bug."""
 
 
 class ConsoleTimeout(KvmmError):

@@ -14,6 +14,8 @@ Guest-physical memory (x86-64)::
     0x0001_0000  flat real-mode image, entered at 1000:0000 (--kernel-format flat)
     0x0002_0000  kernel command line (64 KiB)
     0x0009_fc00  EBDA: MP floating pointer and table; reserved in e820 up to 1 MiB
+    0x000e_0000  ACPI tables: RSDP first, then FACS, DSDT, FADT, MADT, RSDT, XSDT
+                 (kvmm/acpi/; in the BIOS area the e820 map reserves; not with --no-acpi)
     0x0010_0000  high memory: kernel, initrd at the top of low RAM
                  (a multiboot kernel goes where its headers say, in RAM clear of the EBDA
                  area; its boot information and modules follow it: loader/multiboot.py)
@@ -55,6 +57,11 @@ CMDLINE_ADDR = 0x20000
 CMDLINE_MAX = 0x10000  # bytes reserved at CMDLINE_ADDR
 EBDA_START = 0x9FC00  # the MP table lives here; reserved in e820
 VGA_HOLE = 0xA0000  # legacy VGA and BIOS area up to 1 MiB
+# ACPI 6.5 5.2.5.1: OSPM finds the RSDP on a 16-byte boundary in the first KiB of the
+# EBDA or in the BIOS read-only area 0xE0000-0xFFFFF; kvmm also hands its address over in
+# boot_params.acpi_rsdp_addr. The tables follow it in the same 64 KiB.
+ACPI_TABLES_ADDR = 0xE0000
+ACPI_TABLES_SIZE = 0x10000
 HIMEM_START = 0x100000
 LOW_RAM_END = 0xC000_0000  # RAM below the 32-bit PCI/MMIO hole ...
 HIGH_RAM_START = 0x1_0000_0000  # ... and the rest above 4 GiB
@@ -83,6 +90,9 @@ TESTDEV_IRQ = PortRange(0x2000, 24)  # pc-testdev interrupt lines 0-23
 TESTDEV_IOMEM = 0xFF00_0000  # pc-testdev scratch memory (MMIO)
 TESTDEV_IOMEM_SIZE = 0x1_0000
 FW_CFG = PortRange(0x510, 2)  # QEMU fw_cfg selector and data (multiboot kernels)
+# ACPI PM1a event block (status, enable), PM1a control block and the reset register
+# (kvmm/devices/acpi_pm.py), where QEMU's PIIX4 and ICH9 put their PM base; not with --no-acpi.
+ACPI_PM = PortRange(0x600, 8)
 IO_BAR_BASE = 0xC000  # PCI I/O BARs, above the legacy ISA ports (as kvmtool and QEMU)
 IO_BAR_LIMIT = 0x10000
 
@@ -90,11 +100,12 @@ PORT_MAP = {
     "post": POST, "i8042": I8042, "cmos": CMOS, "com1": COM1, "debug_exit": DEBUG_EXIT,
     "pci_config_address": PCI_CONFIG_ADDRESS, "pci_config_data": PCI_CONFIG_DATA,
     "testdev_data": TESTDEV_DATA, "testdev_flush": TESTDEV_FLUSH, "testdev_byte": TESTDEV_BYTE,
-    "testdev_irq": TESTDEV_IRQ, "fw_cfg": FW_CFG,
+    "testdev_irq": TESTDEV_IRQ, "fw_cfg": FW_CFG, "acpi_pm": ACPI_PM,
 }
 
 # --- interrupts -----------------------------------------------------------------------
 COM1_IRQ = 4  # ISA IRQ of COM1
+SCI_IRQ = 9  # the ACPI System Control Interrupt (FADT SCI_INT), level-triggered; kvmm never raises it
 PCI_IRQ_BASE = 16  # IOAPIC inputs 16-23 carry PCI INTA of slots 1, 2, ...
 PCI_IRQ_COUNT = 8
 IOAPIC_PINS = 24

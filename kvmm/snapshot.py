@@ -39,6 +39,7 @@ from typing import Any, Callable
 from . import __version__
 from .config import DiskConfig, NetConfig, VmConfig
 from .defaults import CONSOLE_DEVICES, MAX_CPUS
+from .devices.acpi_pm import AcpiPm, AcpiPmState
 from .devices.cmos import Cmos, CmosState
 from .devices.pci import PciBus, PciBusState
 from .devices.serial import Serial8250, SerialState
@@ -103,6 +104,7 @@ class MachineState:
     cmos: CmosState
     pci: PciBusState
     virtio: list[VirtioTransportState]
+    acpi_pm: AcpiPmState | None  # None: a machine without ACPI (--no-acpi)
 
 
 @dataclass
@@ -138,6 +140,7 @@ class SavedConfig:
     msix: bool
     console_device: str
     rng: bool
+    acpi: bool  # the machine has ACPI (VmConfig.has_acpi): its PM device is rebuilt
 
 
 def saved_config(cfg: VmConfig, cmdline: str) -> SavedConfig:
@@ -147,7 +150,7 @@ def saved_config(cfg: VmConfig, cmdline: str) -> SavedConfig:
         kernel=os.path.abspath(cfg.kernel), cmdline=cmdline, mem_size=cfg.mem_size, cpus=cfg.cpus,
         disks=[disk_identity(d.path, d.read_only, d.serial) for d in cfg.disks],
         nets=[SavedNet(n.tap, n.effective_mac) for n in cfg.nets], exitless=cfg.exitless, msix=cfg.msix,
-        console_device=cfg.console_device, rng=cfg.rng,
+        console_device=cfg.console_device, rng=cfg.rng, acpi=cfg.has_acpi,
     )
 
 
@@ -158,7 +161,7 @@ def config_from_saved(saved: SavedConfig, **run_time: Any) -> VmConfig:
         kernel=saved.kernel, cmdline=saved.cmdline, mem_size=saved.mem_size, cpus=saved.cpus, stop_at_init=False,
         disks=[DiskConfig(d.path, d.read_only, d.serial) for d in saved.disks],
         nets=[NetConfig(n.tap, n.mac) for n in saved.nets], exitless=saved.exitless, msix=saved.msix,
-        console_device=saved.console_device, rng=saved.rng, **run_time,
+        console_device=saved.console_device, rng=saved.rng, acpi=saved.acpi, **run_time,
     )
 
 
@@ -288,11 +291,16 @@ def restore_vm(vm: Vm, st: VmState) -> None:
 
 
 def load_devices(st: MachineState, serial: Serial8250, cmos: Cmos, pci: PciBus,
-                 transports: list[VirtioPciLegacy]) -> None:
+                 transports: list[VirtioPciLegacy], acpi_pm: AcpiPm | None = None) -> None:
     """The devices' part of a restore, in dependency order: PCI config space first (it
     places the BARs whose ports the transports' ioeventfds use), then the transports."""
     serial.load_state(st.serial)
     cmos.load_state(st.cmos)
+    if (st.acpi_pm is None) != (acpi_pm is None):
+        raise SnapshotError(f"state.acpi_pm: the snapshot's machine {'lacks' if st.acpi_pm is None else 'has'} "
+                            "ACPI, its configuration says otherwise")
+    if acpi_pm is not None and st.acpi_pm is not None:
+        acpi_pm.load_state(st.acpi_pm)
     pci.load_state(st.pci)
     check_length("state.virtio", st.virtio, len(transports))
     for i, (transport, saved) in enumerate(zip(transports, st.virtio)):

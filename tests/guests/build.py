@@ -22,7 +22,8 @@ MB_CFLAGS = ["-m32", *(f for f in CFLAGS if f not in ("-mno-red-zone",) and not 
 
 # Guests built from another guest's source with extra flags.
 VARIANTS = {"virtio_notify_msix": ("virtio_notify", ["-DUSE_MSIX"]),
-            "mb_info_aout": ("mb_info", ["-DAOUT_KLUDGE"])}
+            "mb_info_aout": ("mb_info", ["-DAOUT_KLUDGE"]),
+            "acpi_reset": ("acpi_poweroff", ["-DRESET"])}
 # Variants shipped as a flat binary (objcopy -O binary): only the header's addresses
 # (the a.out kludge, Multiboot 3.1.3) can load them.
 FLAT_BINARY = {"mb_info_aout"}

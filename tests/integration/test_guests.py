@@ -40,6 +40,28 @@ def test_i8042_reset_ends_vm_with_status_0(guests) -> None:  # type: ignore[no-u
     assert b"guest reset through the i8042" in res.stderr
 
 
+def test_acpi_poweroff_found_through_the_tables_ends_vm_with_status_0(guests) -> None:  # type: ignore[no-untyped-def]
+    # The guest walks RSDP -> XSDT -> FADT -> PM1a_CNT and the DSDT's \_S5, then writes
+    # SLP_TYP | SLP_EN: the "poweroff" outcome, status 0.
+    res = run_kvmm("--kernel", str(guests("acpi_poweroff")), "--mem", "64M")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == b"ACPI S5: SLP_TYP 5 to PM1a_CNT 0x0000000000000604\n"
+    assert b"guest powered off through ACPI (S5)" in res.stderr
+
+
+def test_acpi_reset_register_ends_vm_with_status_0(guests) -> None:  # type: ignore[no-untyped-def]
+    res = run_kvmm("--kernel", str(guests("acpi_reset")), "--mem", "64M")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == b"ACPI reset through port 0x0000000000000606\n"
+    assert b"guest reset through the ACPI reset register" in res.stderr
+
+
+def test_no_acpi_leaves_the_tables_and_ports_out(guests) -> None:  # type: ignore[no-untyped-def]
+    # Without an RSDP the guest stops at its first step (debug-exit 1: status 64 + 1).
+    res = run_kvmm("-q", "--kernel", str(guests("acpi_poweroff")), "--mem", "64M", "--no-acpi")
+    assert res.returncode == EXIT_DEBUG_BASE + 1, res.stderr
+
+
 def test_triple_fault_ends_vm_with_status_0(guests) -> None:  # type: ignore[no-untyped-def]
     res = run_kvmm("--kernel", str(guests("triple_fault")), "--mem", "64M")
     assert res.returncode == 0
