@@ -6,10 +6,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# The compressors Linux's build uses make the tests' bzImage payloads; liblzo2-dev builds python-lzo.
+# The compressors Linux's build uses make the tests' bzImage payloads; liblzo2-dev builds python-lzo;
+# acpica-tools (iasl, acpiexec) checks the ACPI tables kvmm writes (tests/acpi/).
 scripts/ensure-packages.sh linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev xz-utils \
     busybox-static e2fsprogs cpio linux-libc-dev iproute2 iputils-ping time \
-    gzip bzip2 lzop lz4 zstd liblzo2-dev
+    gzip bzip2 lzop lz4 zstd liblzo2-dev acpica-tools
 
 py=python3
 if [ -x .venv/bin/python ]; then

@@ -32,6 +32,7 @@ NOT_AT_START = (
     "kvmm.virtio.blk", "kvmm.virtio.net", "kvmm.virtio.console", "kvmm.virtio.rng", "kvmm.virtio.pci_legacy",
     "kvmm.virtio.p9", "kvmm.p9.server", "kvmm.p9.hostfs", "kvmm.run", "resource",
     "kvmm.loader.multiboot", "kvmm.testkernels", "kvmm.cpuid", "kvmm.devices.fw_cfg", "kvmm.devices.testdev",
+    "kvmm.acpi", "kvmm.acpi.aml", "kvmm.acpi.tables", "kvmm.acpi.dsdt", "kvmm.devices.acpi_pm",  # ACPI machines only
 )
 
 

@@ -70,14 +70,18 @@ def test_vmlinux_boots_to_init(kernel_dir: Path, busybox_initramfs: Path, kvmm_m
 
 def test_panic_is_recognisable_from_exit_status(kernel_dir: Path, tmp_path: Path) -> None:
     # No initrd and no root device: the kernel panics (VFS: unable to mount root fs) and,
-    # with panic=-1, resets at once; kvmm reports that reset as a panic.
+    # with panic=-1, resets at once; kvmm reports that reset as a panic. With reboot=a
+    # (Linux's default where ACPI is; kvmm's command line says reboot=k) the reset goes
+    # through the FADT's reset register (acpi_reboot), not the i8042.
     console = tmp_path / "console.log"
     res = subprocess.run([sys.executable, "-m", "kvmm", "--kernel", str(kernel_dir / "vmlinux"), "--mem", "256M",
-                          "--console", f"file:{console}"], capture_output=True, timeout=BOOT_TIMEOUT, cwd=ROOT)
-    log = console.read_text(errors="replace")
+                          "--cmdline", "reboot=a", "--console", f"file:{console}"],
+                         capture_output=True, timeout=BOOT_TIMEOUT, cwd=ROOT)
+    log, err = console.read_text(errors="replace"), res.stderr.decode()
     assert "Kernel panic - not syncing" in log, log[-2000:]
-    assert res.returncode == 3, res.stderr.decode()
-    assert "kvmm: error: guest kernel panic: Kernel panic - not syncing" in res.stderr.decode()
+    assert res.returncode == 3, err
+    assert "kvmm: error: guest kernel panic: Kernel panic - not syncing" in err
+    assert "guest reset the machine through the ACPI reset register" in err, err
 
 
 def test_bzimage_payload_decompressed_on_the_host_boots_to_init(kernel_dir: Path, busybox_initramfs: Path, kvmm_machine,  # type: ignore[no-untyped-def]
@@ -141,38 +145,78 @@ def boot_until_init(kvmm_machine, kernel_dir: Path, disks: list[str], cmdline: s
     return m.console.transcript.decode(errors="replace"), result, report
 
 
+# Without acpi=off the project kernel takes the machine from kvmm's ACPI tables (its MP
+# table parser stays for acpi=off, and for kernels without ACPI).
+ACPI_SMP = [
+    r"ACPI: RSDP 0x00000000000E0000 000024 \(v02 KVMM  \)",
+    r"ACPI: INT_SRC_OVR \(bus 0 bus_irq 9 global_irq 9 high level\)",
+    r"ACPI: Using ACPI \(MADT\) for SMP configuration information",
+    r"smp: Brought up 1 node, 2 CPUs",
+    r"ACPI: PCI Root Bridge \[PCI0\] \(domain 0000 \[bus 00-ff\]\)",
+    r"pci_bus 0000:00: root bus resource \[mem 0xe0000000-0xfebfffff window\]",
+]
+
+
 def test_root_on_virtio_blk_with_two_cpus_and_msix(kernel_dir: Path, spin_rootfs: Path, tmp_path: Path, kvmm_machine) -> None:  # type: ignore[no-untyped-def]
     extra = tmp_path / "extra.img"
     extra.write_bytes(b"\0" * (3 << 20))
     log, result, report = boot_until_init(kvmm_machine, kernel_dir, [str(spin_rootfs), f"{extra},ro"],
                                           "root=/dev/vda rw", cpus=2)
     assert_in_order(log, [
-        r"Processor #1",
-        r"smp: Brought up 1 node, 2 CPUs",
+        *ACPI_SMP,
         r"virtio_blk virtio0: \[vda\] 131072 512-byte logical blocks \(67\.1 MB/64\.0 MiB\)",
         r"virtio_blk virtio1: \[vdb\] 6144 512-byte logical blocks",
         r"EXT4-fs \(vda\): mounted filesystem",
         r"VFS: Mounted root \(ext4 filesystem\) on device 254:0",
         r"Run /sbin/init as init process",
     ])
+    assert "Processor #1" not in log  # the MP table's processor entries went unread
     assert result.outcome is Outcome.INIT_REACHED, result  # type: ignore[attr-defined]
     # The guest chose MSI-X; every notify came by ioeventfd, every interrupt by irqfd.
     assert report["msi_interrupts"] > 0 and report["intx_interrupts"] == 0
     assert report["queue_notify_exits"] == 0 and report["queue_notify_ioeventfd"] > 0
 
 
-def test_read_only_disk_with_intx(kernel_dir: Path, spin_rootfs: Path, kvmm_machine) -> None:  # type: ignore[no-untyped-def]
-    # The kernel is asked for a read-write root; VIRTIO_BLK_F_RO makes it fall back to r/o.
-    # pci=nomsi makes the guest use INTx (IOAPIC pin 16 through the MP table).
-    before = spin_rootfs.read_bytes()
-    log, result, report = boot_until_init(kvmm_machine, kernel_dir, [f"{spin_rootfs},ro"], "root=/dev/vda rw pci=nomsi")
+def test_intx_routed_through_the_dsdt_prt_with_two_cpus(kernel_dir: Path, spin_rootfs: Path, kvmm_machine) -> None:  # type: ignore[no-untyped-def]
+    # pci=nomsi: the disk's INTA goes through the DSDT's _PRT and its interrupt link GSIA
+    # to IOAPIC input 16, the input the MP table names for slot 1.
+    log, result, report = boot_until_init(kvmm_machine, kernel_dir, [str(spin_rootfs)], "root=/dev/vda rw pci=nomsi",
+                                          cpus=2)
     assert_in_order(log, [
+        *ACPI_SMP,
+        r"ACPI: PCI: Interrupt link GSIA configured for IRQ 16",
+        r"PCI: Using ACPI for IRQ routing",
+        r"ACPI: \\_SB_\.GSIA: Enabled at IRQ 16",
+        r"00:00: ttyS0 at I/O 0x3f8 \(irq = 4, base_baud = 115200\) is a 16550A",  # COM1 from the DSDT (PNP0501)
+        r"virtio_blk virtio0: \[vda\] 131072 512-byte logical blocks",
+        r"VFS: Mounted root \(ext4 filesystem\) on device 254:0",
+        r"Run /sbin/init as init process",
+    ])
+    assert not re.search(r"PCI INT [A-D]: (no GSI|not connected)|can't derive routing|PCI->APIC IRQ transform", log)
+    assert "ACPI Error" not in log and "ACPI BIOS Error" not in log and "ACPI Warning" not in log
+    assert result.outcome is Outcome.INIT_REACHED, result  # type: ignore[attr-defined]
+    assert report["intx_interrupts"] > 0 and report["msi_interrupts"] == 0
+
+
+def test_mp_table_with_acpi_off_two_cpus_and_intx(kernel_dir: Path, spin_rootfs: Path, kvmm_machine) -> None:  # type: ignore[no-untyped-def]
+    # The kernel told to ignore ACPI finds the same machine in the MP table: the second
+    # CPU from its processor entries, INTx from its PCI interrupt entries.
+    # The disk is read-only: VIRTIO_BLK_F_RO makes the kernel fall back to a r/o root.
+    before = spin_rootfs.read_bytes()
+    log, result, report = boot_until_init(kvmm_machine, kernel_dir, [f"{spin_rootfs},ro"],
+                                          "root=/dev/vda rw pci=nomsi acpi=off", cpus=2)
+    assert_in_order(log, [
+        r"found SMP MP-table at \[mem 0x0009fc00-",
+        r"Processor #1",
+        r"smp: Brought up 1 node, 2 CPUs",
         r"virtio-pci 0000:00:01\.0: PCI->APIC IRQ transform: INT A -> IRQ 16",
         r"virtio_blk virtio0: \[vda\] 131072 512-byte logical blocks",
         r"VFS: Mounted root \(ext4 filesystem\) readonly on device 254:0",
         r"Run /sbin/init as init process",
     ])
+    assert "ACPI: Using ACPI" not in log and "ACPI: RSDP" not in log
     assert spin_rootfs.read_bytes() == before
+    assert result.outcome is Outcome.INIT_REACHED, result  # type: ignore[attr-defined]
     assert report["intx_interrupts"] > 0 and report["msi_interrupts"] == 0
     assert report["queue_notify_exits"] == 0
 
