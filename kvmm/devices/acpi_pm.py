@@ -32,6 +32,7 @@ import logging
 from dataclasses import dataclass
 from typing import Callable
 
+from ..errors import SnapshotError
 from ..ratelimit import RateLimitedLog
 from ..state import check_range
 
@@ -93,13 +94,16 @@ class AcpiPm:
         return AcpiPmState(self.status, self.enable, self.control)
 
     def load_state(self, st: AcpiPmState) -> None:
-        """Saved registers are untrusted: each must be a value a guest could have left."""
-        for where, value, defined in (("acpi_pm.status", st.status, STS_DEFINED),
-                                      ("acpi_pm.enable", st.enable, EN_DEFINED),
-                                      ("acpi_pm.control", st.control, CNT_STORED)):
-            check_range(where, value, 0, 0xFFFF)
-            check_range(f"{where} (undefined bits)", value & ~defined, 0, 0)
-        check_range("acpi_pm.control SCI_EN", st.control & CNT_SCI_EN, CNT_SCI_EN, CNT_SCI_EN)
+        """Saved registers are untrusted: each must be a value a guest could have left
+        (only the bits the register has; SCI_EN set; SLP_EN, being write-only, clear)."""
+        for field, value, defined in (("status", st.status, STS_DEFINED), ("enable", st.enable, EN_DEFINED),
+                                      ("control", st.control, CNT_STORED)):
+            check_range(f"state.acpi_pm.{field}", value, 0, 0xFFFF)
+            if value & ~defined:
+                raise SnapshotError(f"state.acpi_pm.{field}: {value:#x} sets bits the register does not keep "
+                                    f"({value & ~defined:#x})")
+        if not st.control & CNT_SCI_EN:
+            raise SnapshotError(f"state.acpi_pm.control: {st.control:#x} has SCI_EN clear (kvmm is always in ACPI mode)")
         self.status, self.enable, self.control = st.status, st.enable, st.control
 
     def counters(self) -> dict[str, int]:

@@ -306,6 +306,21 @@ def test_features_never_offered_are_refused(paused_snapshot: tuple[Path, Path], 
     assert "were never offered" in restore_refused(snap_copy, disk_of(snap_copy))
 
 
+def test_acpi_pm_registers_are_saved_and_checked(paused_snapshot: tuple[Path, Path], snap_copy: Path) -> None:
+    # The guest is an ELF kernel: it has ACPI, and its PM registers are in the state
+    # (SCI_EN always set); an impossible value is refused as a guest write could not make it.
+    state = json.loads((snap_copy / "state.json").read_text())
+    assert state["acpi_pm"] == {"status": 0, "enable": 0, "control": 1}
+    assert json.loads((snap_copy / "manifest.json").read_text())["config"]["acpi"] is True
+    rewrite_state(snap_copy, lambda s: s["acpi_pm"].update(control=1 << 13))  # SLP_EN is never stored
+    assert "state.acpi_pm" in restore_refused(snap_copy, disk_of(snap_copy))
+
+
+def test_acpi_pm_state_missing_for_an_acpi_machine_is_refused(paused_snapshot: tuple[Path, Path], snap_copy: Path) -> None:
+    rewrite_state(snap_copy, lambda s: s.update(acpi_pm=None))
+    assert "lacks ACPI" in restore_refused(snap_copy, disk_of(snap_copy))
+
+
 def test_vcpu_count_mismatch_is_refused(paused_snapshot: tuple[Path, Path], snap_copy: Path) -> None:
     rewrite_state(snap_copy, lambda s: s["vcpus"].append(s["vcpus"][0]))
     assert "2 vCPUs" in restore_refused(snap_copy, disk_of(snap_copy))
