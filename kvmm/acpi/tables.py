@@ -164,8 +164,8 @@ def madt(cpus: int) -> bytes:
     local APIC per vCPU (processor UID = APIC ID = index; the DSDT's processor devices
     use the same UIDs), the IOAPIC (ID ``cpus``, as in the MP table; GSI base 0), and NMI
     on LINT1 of every processor. The MP table maps ISA IRQ n to IOAPIC input n, which is
-    ACPI's default (5.2.12.5: "it is assumed that the ISA interrupts are identity-mapped
-    into the first I/O APIC sources"), so the one override is the SCI's: IRQ 9 becomes
+    ACPI's default (5.2.12.5: "It is assumed that the ISA interrupts will be
+    identity-mapped into the first I/O APIC sources"), so the one override is the SCI's: IRQ 9 becomes
     level-triggered, active high, as QEMU declares it (an SCI is active low by default;
     KVM's IOAPIC does not look at polarity)."""
     body = bytearray(struct.pack("<II", layout.LAPIC_ADDR, MADT_PCAT_COMPAT))
