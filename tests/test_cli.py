@@ -172,7 +172,7 @@ def test_bad_net_option(spec: str, status: int, guests) -> None:  # type: ignore
 
 @pytest.mark.parametrize("extra", [["--kernel", "vmlinux"], ["--mem", "1G"], ["--cpus", "2"], ["--cmdline", "quiet"],
                                    ["--net", "tap=t0"], ["--initrd", "x"], ["--module", "m"],
-                                   ["--debug-exit", "0xf4"], ["--pc-testdev"], ["--cpu-features=-pcid"]])
+                                   ["--debug-exit", "0xf4"], ["--pc-testdev"], ["--cpu-features=-pcid"], ["--no-acpi"]])
 def test_restore_takes_its_configuration_from_the_snapshot(tmp_path: Path, extra: list[str]) -> None:
     res = run_kvmm("--restore", str(tmp_path), *extra)
     assert res.returncode == 2 and b"takes the VM's configuration from the snapshot" in res.stderr
