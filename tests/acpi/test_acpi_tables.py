@@ -275,3 +275,16 @@ def test_acpiexec_loads_the_dsdt_and_evaluates_its_objects(tmp_path: Path) -> No
     assert out.count("returned object") == len(objects), out
     assert not _troubles(out), out
     assert "[Integer] = 0000000000000005" in out  # \_S5's SLP_TYP
+
+
+def test_pm_ports_and_bridge_windows_fit_the_port_and_memory_map() -> None:
+    # The PM block overlaps no other device's ports and lies below the PCI I/O BARs; the
+    # root bridge's _CRS windows hold every BAR kvmm places (Linux uses them as windows).
+    ranges = sorted((r.base, r.base + r.length, name) for name, r in layout.PORT_MAP.items())
+    for (_, end, name), (start, _, other) in zip(ranges, ranges[1:]):
+        assert end <= start, f"{name} overlaps {other}"
+    assert layout.ACPI_PM.base + layout.ACPI_PM.length <= layout.IO_BAR_BASE
+    table = make().table("DSDT")
+    assert aml.word_io(layout.PCI_CONFIG_DATA.base + layout.PCI_CONFIG_DATA.length, 0xFFFF) in table
+    assert layout.IO_BAR_LIMIT - 1 <= 0xFFFF
+    assert aml.dword_memory(layout.MEM_BAR_BASE, layout.MEM_BAR_LIMIT - 1) in table
