@@ -26,8 +26,8 @@ EXIT_DEBUG_BASE = 64
 # The one table of them: `kvmm --help` prints it, the README's "Exit status" table is it
 # (tests/test_cli.py holds both to it). Markdown, as the README shows it.
 EXIT_STATUSES = (
-    ("0", "the guest powered off or reset (`reboot=k` through the i8042, triple fault, KVM shutdown/system "
-          "event), or, where guest user space cannot run, the kernel started init"),
+    ("0", "the guest powered off (ACPI S5) or reset (`reboot=k` through the i8042, the ACPI reset register, "
+          "triple fault, KVM shutdown/system event), or, where guest user space cannot run, the kernel started init"),
     ("1", "kvmm failed (an internal or KVM error)"),
     ("2", "invalid command-line usage (unknown option, bad size syntax, `--cpus` out of range, a console file "
           "kvmm cannot write without blocking)"),
