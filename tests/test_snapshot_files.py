@@ -49,7 +49,7 @@ class TinyState:
 def saved_config(disk: Path) -> S.SavedConfig:
     return S.SavedConfig(kernel="/boot/vmlinux", cmdline="console=ttyS0", mem_size=1 << 20, cpus=1,
                          disks=[S.disk_identity(str(disk), False, None)], nets=[], exitless=True, msix=True,
-                         console_device="serial", rng=True)
+                         console_device="serial", rng=True, acpi=True)
 
 
 def save_memory(fd: int) -> tuple[int, str]:
@@ -160,7 +160,7 @@ def stuck(fd):
     print("writing", flush=True)
     time.sleep(600)                       # ... when SIGKILL comes
 
-cfg = S.SavedConfig("/k", "", 1 << 20, 1, [], [], True, True, "serial", True)
+cfg = S.SavedConfig("/k", "", 1 << 20, 1, [], [], True, True, "serial", True, True)
 S.write_snapshot(sys.argv[1], cfg, St(1), stuck)
 """
 
