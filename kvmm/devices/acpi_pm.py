@@ -87,7 +87,7 @@ class AcpiPm:
         self.enable = 0
         self.control = CNT_SCI_EN
         self.sleep_requests = 0  # sleep states other than S5, answered by an immediate wake
-        self._log = RateLimitedLog(LOG)
+        self._log = RateLimitedLog(LOG)  # every line here is the guest's doing
 
     # --- snapshots --------------------------------------------------------------------
     def save_state(self) -> AcpiPmState:
@@ -156,7 +156,7 @@ class AcpiPm:
             return
         slp_typ = (merged & CNT_SLP_TYP) >> CNT_SLP_TYP_SHIFT
         if slp_typ == SLP_TYP_S5:
-            LOG.info("guest requested ACPI S5 (soft off)")
+            self._log.info("guest requested ACPI S5 (soft off)")
             self.on_poweroff()
             return
         # A state the DSDT does not offer (only \_S5 is there): wake at once.
@@ -167,7 +167,7 @@ class AcpiPm:
 
     def _write_reset(self, value: int) -> None:
         if value == RESET_VALUE:
-            LOG.info("guest reset the machine through the ACPI reset register")
+            self._log.info("guest reset the machine through the ACPI reset register")
             self.on_reset()
         else:
             self._log.warning("guest wrote %#x to the ACPI reset register (the FADT's RESET_VALUE is %#x): ignored",
