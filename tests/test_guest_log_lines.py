@@ -230,6 +230,30 @@ def flood_coalesced_ring_indices() -> Callable[[int], None]:
     return once
 
 
+def flood_acpi_sleep_requests() -> Callable[[int], None]:
+    from kvmm.devices import acpi_pm as pm
+
+    dev = pm.AcpiPm(lambda: None, lambda: None)
+    # a sleep type kvmm does not offer (S1-S4, 6, 7): each request is logged and woken at once
+    return lambda i: dev.pio_write(pm.PM1_CNT, 2, ((i % 4 + 1) << pm.CNT_SLP_TYP_SHIFT) | pm.CNT_SLP_EN)
+
+
+def flood_acpi_wrong_reset_value() -> Callable[[int], None]:
+    from kvmm.devices import acpi_pm as pm
+
+    dev = pm.AcpiPm(lambda: None, lambda: None)
+    return lambda i: dev.pio_write(pm.RESET, 1, 2 + i % 250)
+
+
+def flood_acpi_poweroff_and_reset() -> Callable[[int], None]:
+    from kvmm.devices import acpi_pm as pm
+
+    # The machine stops at the first, but the device logs through its limiter all the same.
+    dev = pm.AcpiPm(lambda: None, lambda: None)
+    return lambda i: (dev.pio_write(pm.PM1_CNT, 2, (pm.SLP_TYP_S5 << pm.CNT_SLP_TYP_SHIFT) | pm.CNT_SLP_EN)
+                      if i % 2 else dev.pio_write(pm.RESET, 1, pm.RESET_VALUE))
+
+
 FLOODS: dict[str, tuple[Callable[..., Callable[[int], None]], int]] = {
     "msix_enable_toggle": (flood_msix_enable_toggle, 10_000),
     "status_failed": (flood_status_failed, 10_000),
@@ -246,6 +270,9 @@ FLOODS: dict[str, tuple[Callable[..., Callable[[int], None]], int]] = {
     "p9_requests_at_debug_level": (flood_p9_requests_at_debug_level, 1_000),
     "console_output_failure": (flood_console_output_failure, 10_000),
     "coalesced_ring_indices": (flood_coalesced_ring_indices, 10_000),
+    "acpi_sleep_requests": (flood_acpi_sleep_requests, 10_000),
+    "acpi_wrong_reset_value": (flood_acpi_wrong_reset_value, 10_000),
+    "acpi_poweroff_and_reset": (flood_acpi_poweroff_and_reset, 10_000),
 }
 # Lines one window may hold: each distinct message's burst (10; 200 for 9p's per-request
 # debug trace) plus its "suppressed" line.
