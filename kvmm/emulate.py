@@ -719,6 +719,7 @@ class FpuState:
         if len(area) < 520:
             raise EmulationError("the vCPU's XSAVE area is too short")
         self.area = bytearray(area)
+        self.changed = False
 
     @property
     def fsw(self) -> int:
@@ -734,6 +735,7 @@ class FpuState:
         # (Linux's copy_uabi_to_xstate, "mxcsr quirk"); the XMM registers beside it are
         # the area's own, as KVM_GET_XSAVE gave them.
         self.MXCSR.pack_into(self.area, 24, value)
+        self.changed = True
         bv = self.XSTATE_BV.unpack_from(self.area, 512)[0]
         self.XSTATE_BV.pack_into(self.area, 512, bv | self.SSE)
 
@@ -783,7 +785,7 @@ class Emulator:
             self._inject(vcpu, fault.vector, fault.error_code, fault.cr2)
             name = mnemonic(insn)
             with self._lock:
-                self.faults[f"{name}_{VECTOR_NAMES.get(fault.vector, fault.vector).lstrip('#')}"] += 1
+                self.faults[f"{name}_{VECTOR_NAMES.get(fault.vector, str(fault.vector)).lstrip('#')}"] += 1
             LOG.debug("vCPU %d: %s at RIP %#x raised %s", vcpu.id, name, cpu.regs.rip, fault)
             return True
         except EmulationError as exc:
@@ -792,7 +794,7 @@ class Emulator:
             return False
         if cpu.regs_changed:
             vcpu.set_regs(cpu.regs)
-        if cpu.fpu_loaded:
+        if cpu.fpu_loaded and cpu.fpu.changed:
             vcpu.set_state("xsave", bytes(cpu.fpu.area))
         if trap is not None:
             self._inject(vcpu, trap.vector, None, None)
@@ -913,10 +915,15 @@ class Symbols:
         if d.endswith(os.path.join("arch", "x86", "boot")):
             tree = os.path.dirname(os.path.dirname(os.path.dirname(d)))
             candidates += [os.path.join(tree, "System.map"), os.path.join(tree, "vmlinux")]
-        candidates.append(os.path.abspath(kernel))
+        if _is_elf(kernel):
+            candidates.append(os.path.abspath(kernel))
         notes = []
         for path in candidates:
             if not os.path.isfile(path):
+                continue
+            if _is_placeholder(path):
+                notes.append(f"{os.path.basename(path)} is a placeholder (Debian ships the real one in the "
+                             "kernel's -dbg package; put it beside the kernel)")
                 continue
             try:
                 syms = read_symbols(path)
@@ -944,6 +951,23 @@ class Symbols:
         if found is None:
             return f" (kernel symbol unknown: {self.source})" if not self.symbols else ""
         return f" ({found[0]}+{found[1]:#x}, from {os.path.basename(self.source)})"
+
+
+def _is_elf(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"\x7fELF"
+    except OSError:
+        return False
+
+
+def _is_placeholder(path: str) -> bool:
+    """Debian's System.map: one line saying the real one is in the -dbg package."""
+    try:
+        with open(path, "rb") as f:
+            return b"The real System.map is in" in f.read(512)
+    except OSError:
+        return False
 
 
 TEXT_TYPES = set("tTwW")
