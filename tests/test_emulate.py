@@ -413,6 +413,23 @@ def test_a_users_clearcpuid_is_merged_with_kvmms() -> None:
     assert "root=/dev/vda" in line and "noxsave" in line
 
 
+def test_the_start_up_line_says_what_is_hidden_and_what_is_emulated() -> None:
+    one, two = E.plan_summary(1), E.plan_summary(2)
+    assert one.startswith("kernel parameters 'noxsave clearcpuid=smap,popcnt' keep Linux from clac, stac, popcnt, "
+                          "xsave/xrstor family; kvmm emulates int3, fwait, cmpxchg16b, ldmxcsr")
+    assert "clearcpuid=cx16,smap,popcnt' keep Linux from cmpxchg16b, clac" in two
+    assert "cmpxchg16b" not in two.split("emulates")[1]
+
+
+def test_an_explained_emulation_failure_is_the_runs_message() -> None:
+    from kvmm.config import Outcome
+    from kvmm.vcpu import exit_outcome
+
+    result = exit_outcome(exit_for("0f0b"), 1, rip=0x10, detail="KVM could not emulate `ud2` at RIP 0x10 (...)")
+    assert result is not None and result.outcome is Outcome.VCPU_ERROR
+    assert result.message == "vCPU 1: KVM could not emulate `ud2` at RIP 0x10 (...)"
+
+
 def test_every_emulated_mnemonic_has_a_test_guest() -> None:
     guests = Path(__file__).parent / "guests"
     covered = {"int3": "int3", "fwait": "fwait", "cmpxchg16b": "emu_cmpxchg16b", "ldmxcsr": "emu_mxcsr",
@@ -530,6 +547,15 @@ def test_symbols_from_a_vmlinux_elf(tmp_path: Path) -> None:
     syms = Symbols.beside(str(elf))
     found = syms.lookup(0x20_0000)
     assert found is not None and found[0] == "_start"
+
+
+def test_cmpxchg16b_with_two_vcpus_is_refused_with_the_reason_in_the_report(mem: GuestMemory, tables: Tables) -> None:
+    vcpu = FakeVcpu(long_mode(mem, tables, rdi=DATA_VA))
+    emu = Emulator(mem, enabled=True, cpus=2)
+    ex = exit_for("f0480fc74f10")
+    assert not emu.recover(vcpu, ex) and vcpu.calls == []
+    msg = emu.explain(vcpu, ex)
+    assert "`lock cmpxchg16b [rdi+10h]`" in msg and "only with one vCPU" in msg and "--cpus 1" in msg
 
 
 def test_hardware_kvm_emulates_nothing_but_explains(mem: GuestMemory, tables: Tables) -> None:
