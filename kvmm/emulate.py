@@ -662,7 +662,8 @@ def run_handler(cpu: Cpu, insn: Any, cpus: int = 1) -> Trap | None:
     name = mnemonic(insn)
     handler = HANDLERS.get(name)
     if handler is None or handler.emulate is None:
-        raise EmulationError(f"kvmm does not emulate {name}", _advice(name, insn, cpus))
+        why = f" ({handler.why})" if handler is not None else ""
+        raise EmulationError(f"kvmm does not emulate {name}{why}", _advice(name, insn, cpus))
     if cpus > 1 and not handler.smp_safe:
         raise EmulationError(f"kvmm emulates {name} only with one vCPU: from the host it is not atomic "
                              "against the other vCPUs", _advice(name, insn, cpus))
@@ -689,8 +690,9 @@ def _advice(name: str, insn: Any, cpus: int) -> str:
         if handler.avoid_with == "smp" and cpus > 1:
             return (f"kvmm adds '{words}' with several vCPUs to keep Linux away from it; this guest ran it anyway "
                     f"(or --cmdline replaced it): boot with --cpus 1, or on hardware KVM")
-        return (f"kvmm adds '{words}' on this host to keep Linux away from it; keep that parameter "
-                f"(--cmdline must not override it), or boot on hardware KVM")
+        return (f"kvmm adds '{words}' on this host to keep Linux away from it, and this kernel ran it anyway "
+                f"(it does not honour that parameter there): boot on hardware KVM, or a kernel built without "
+                f"that code path")
     features = [_cpuid_feature_names().get(f, str(f)) for f in insn.cpuid_features()]
     hint = ""
     plain = [f for f in features if f not in ("INTEL8086", "INTEL186", "INTEL286", "INTEL386", "INTEL486",
