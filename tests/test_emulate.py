@@ -590,3 +590,32 @@ def test_32_bit_protected_mode_operand_uses_segment_base_and_limit(mem: GuestMem
     cpu.regs.rip = 0x100
     with pytest.raises(GuestFault):
         run(cpu, "0fae15fe0f0000")  # ldmxcsr 0xffe: past the limit
+
+
+# --- a hostile guest: any bytes, any registers --------------------------------------------
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+HANDLED_PREFIXES = ["f0480fc7", "480fc7", "65480fc7", "0fae", "0f01", "f3480fb8", "f30fb8", "9b", "cc", ""]
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(prefix=st.sampled_from(HANDLED_PREFIXES), tail=st.binary(max_size=12),
+       gprs=st.lists(st.integers(0, 2**64 - 1), min_size=16, max_size=16),
+       rflags=st.integers(0, 2**22 - 1), cpl=st.sampled_from([0, 3]), cr4_extra=st.sampled_from([0, CR4_OSXSAVE]))
+def test_any_instruction_and_register_state_is_emulated_faulted_or_explained(
+        mem: GuestMemory, tables: Tables, prefix: str, tail: bytes, gprs: list[int], rflags: int, cpl: int,
+        cr4_extra: int) -> None:
+    # Whatever a guest puts at RIP and in its registers, the emulator either deals with
+    # it (emulated, or a fault injected) or declines, and the explanation is a string:
+    # never an exception out of the vCPU loop.
+    cpu = long_mode(mem, tables, rflags=rflags | 2)
+    for name, value in zip(E.GPRS, gprs):
+        setattr(cpu.regs, name, value)
+    cpu.sregs.ss.dpl = cpl
+    cpu.sregs.cr4 |= cr4_extra
+    vcpu = FakeVcpu(cpu)
+    emu = Emulator(mem, enabled=True)
+    ex = X.InternalErrorExit(EMULATION, (), bytes.fromhex(prefix) + tail)
+    if not emu.recover(vcpu, ex):
+        assert isinstance(emu.explain(vcpu, ex), str)
