@@ -51,8 +51,8 @@ PVM = HostKind(
     "kvm_pvm",
     # lpj/tsc=reliable skip calibration loops that take minutes in the emulator.
     # nowatchdog: the soft- and hard-lockup detectors measure the emulator, not the
-    # guest: at ~1000x slower, work of 20 ms on hardware trips the 20 s soft-lockup
-    # limit (watchdog_thresh cannot go above 60 s, 60 ms of hardware time), and each
+    # guest: at ~1000x slower, 20 ms of hardware work trips the 20 s soft-lockup limit
+    # (watchdog_thresh tops out at 60, a 120 s limit: 120 ms of hardware work), and each
     # false report prints stack traces over an emulated UART; the detectors' per-CPU
     # timers and threads cost emulated time too. kvmm's --timeout and the boot watch
     # catch a guest that really hangs (docs/hosts.md).
