@@ -606,6 +606,9 @@ class Handler(NamedTuple):
 XSAVE_WHY = ("XSAVE state save/restore: kvmm does not emulate the XSAVE area; "
              "'noxsave' makes Linux use FXSAVE, which KVM emulates")
 
+SIMD_WHY = ("kernel SIMD code (the RNG's BLAKE2s, SSSE3): kvmm does not emulate SSE; 'clearcpuid=ssse3' "
+            "makes Linux use its generic C code")
+
 HANDLERS: dict[str, Handler] = {
     "int3": Handler(emulate_int3, "the kernel's int3 self-test and text patching: #BP injected"),
     "fwait": Handler(emulate_fwait, "fwait in fpu__drop() at task exit: #NM/#MF checked, else nothing"),
@@ -620,6 +623,12 @@ HANDLERS: dict[str, Handler] = {
     "clac": Handler(emulate_clac, "SMAP: user-access windows", avoid=("clearcpuid=smap",)),
     "stac": Handler(emulate_stac, "SMAP: user-access windows", avoid=("clearcpuid=smap",)),
     "popcnt": Handler(emulate_popcnt, "hweight()", avoid=("clearcpuid=popcnt",)),
+    # Kernel SIMD code after kernel_fpu_begin(): in Debian 12's 6.1 kernel the only
+    # built-in user is the RNG's BLAKE2s (blake2s_compress_ssse3, chosen when CPUID says
+    # SSSE3); KVM emulates its first loads (movdqu, movdqa) but not `movd %ecx,%xmm15`
+    # (measured), and emulating a SIMD hash an exit per instruction is no answer:
+    # 'clearcpuid=ssse3' makes Linux use the generic C code.
+    **{m: Handler(None, SIMD_WHY, avoid=("clearcpuid=ssse3",)) for m in ("movd", "movq")},
     **{m: Handler(None, XSAVE_WHY, avoid=("noxsave",))
        for m in ("xsave", "xsave64", "xsaveopt", "xsaveopt64", "xsavec", "xsavec64", "xsaves", "xsaves64",
                  "xrstor", "xrstor64", "xrstors", "xrstors64")},
@@ -650,7 +659,9 @@ def plan_summary(cpus: int) -> str:
     """What kvm_pvm's table does for ``cpus`` vCPUs, for the start-up log line."""
     avoided = [m for m, h in HANDLERS.items() if h.avoid and (h.avoid_with == "always" or cpus > 1)]
     xsave = [m for m in avoided if m.startswith(("xsave", "xrstor"))]
-    avoided = [m for m in avoided if m not in xsave] + (["xsave/xrstor family"] if xsave else [])
+    simd = [m for m in avoided if HANDLERS[m].why is SIMD_WHY]
+    avoided = ([m for m in avoided if m not in xsave and m not in simd] + (["xsave/xrstor family"] if xsave else [])
+               + (["SSSE3 code (movd, movq)"] if simd else []))
     return (f"kernel parameters '{' '.join(avoid_cmdline(cpus))}' keep Linux from {', '.join(avoided)}; "
             f"kvmm emulates {', '.join(emulated_mnemonics(cpus))} when the guest runs them")
 

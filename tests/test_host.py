@@ -23,7 +23,7 @@ def test_hardware_host_adds_nothing() -> None:
 
 def test_pvm_host_adds_its_workarounds() -> None:
     line = build_cmdline("root=/dev/vda", DEFAULT_CMDLINE, host_cmdline(PVM, 1)).split()
-    for word in ("noxsave", "clearcpuid=smap,popcnt", "nowatchdog", "root=/dev/vda", "console=ttyS0"):
+    for word in ("noxsave", "clearcpuid=smap,popcnt,ssse3", "nowatchdog", "root=/dev/vda", "console=ttyS0"):
         assert word in line
 
 
