@@ -624,9 +624,9 @@ HANDLERS: dict[str, Handler] = {
     "stac": Handler(emulate_stac, "SMAP: user-access windows", avoid=("clearcpuid=smap",)),
     "popcnt": Handler(emulate_popcnt, "hweight()", avoid=("clearcpuid=popcnt",)),
     # Kernel SIMD code after kernel_fpu_begin(): in Debian 12's 6.1 kernel the only
-    # built-in user is the RNG's BLAKE2s (blake2s_compress_ssse3, chosen when CPUID says
-    # SSSE3); KVM emulates its first loads (movdqu, movdqa) but not `movd %ecx,%xmm15`
-    # (measured), and emulating a SIMD hash an exit per instruction is no answer:
+    # built-in user (by its config; every other SIMD driver is a module) is the RNG's
+    # BLAKE2s (blake2s_compress_ssse3, chosen when CPUID says SSSE3); KVM stopped at
+    # `movd %ecx,%xmm15` there (measured), and emulating a SIMD hash an exit per instruction is no answer:
     # 'clearcpuid=ssse3' makes Linux use the generic C code.
     **{m: Handler(None, SIMD_WHY, avoid=("clearcpuid=ssse3",)) for m in ("movd", "movq")},
     **{m: Handler(None, XSAVE_WHY, avoid=("noxsave",))
