@@ -50,7 +50,7 @@ import os
 import struct
 import threading
 from collections import Counter
-from typing import Any, Callable, Iterable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 from .errors import GuestMemoryError, KvmmError
 from .memory import GuestMemory
@@ -1044,7 +1044,3 @@ def _elf_symbols(f: Any) -> list[tuple[int, str]]:
         return out
     return []
 
-
-def summarize(counts: Iterable[tuple[str, int]]) -> str:
-    """``cmpxchg16b x 1234, int3 x 1`` for a log line."""
-    return ", ".join(f"{name} x {n}" for name, n in counts) or "none"
