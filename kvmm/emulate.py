@@ -428,6 +428,9 @@ class Cpu:
     def write(self, la: int, data: bytes) -> None:
         try:
             pieces = self._pieces(la, len(data), True)
+            for gpa, k in pieces:  # all of it RAM before the first byte is written
+                if not self.mem.contains(gpa, k):
+                    raise GuestMemoryError(gpa, k)
             off = 0
             for gpa, k in pieces:
                 self.mem.write(gpa, data[off : off + k])
