@@ -639,7 +639,7 @@ class _EmuVcpu:
 _emu_mem = GuestMemory.allocate(2 << 20, check_available=False)
 
 
-def fuzz_emulate(data: bytes) -> None:
+def fuzz_emulate(data: bytes) -> int:
     """An instruction KVM gave up on, as a hostile guest sets it up: the instruction bytes,
     every register, CR0/CR3/CR4/EFER, the code segment's mode, FS/GS bases, FSW/MXCSR,
     and the first 64 KiB of guest RAM (page tables included: CR3 points into it). The
@@ -674,6 +674,7 @@ def fuzz_emulate(data: bytes) -> None:
     ex = X.InternalErrorExit(K.KVM_INTERNAL_ERROR_EMULATION, (), insn)
     if not emu.recover(vcpu, ex):
         assert isinstance(emu.explain(vcpu, ex), str)
+    return 1  # one instruction emulated, faulted or explained
 
 
 TARGETS = {name[len("fuzz_"):]: fn for name, fn in list(globals().items()) if name.startswith("fuzz_")}
