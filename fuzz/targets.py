@@ -611,4 +611,76 @@ def fuzz_control_socket(data: bytes) -> int:
         theirs.close()
 
 
+class _EmuVcpu:
+    """A vCPU for the emulator (kvmm/emulate.py) whose state comes from the fuzz input."""
+
+    def __init__(self, regs: object, sregs: object, xsave: bytes) -> None:
+        self.id, self.regs, self.sregs, self.xsave = 0, regs, sregs, xsave
+        from kvmm.kvm.structs import ffi
+
+        self.events = ffi.new("struct kvm_vcpu_events *")
+        self.xcrs = bytes(ffi.buffer(ffi.new("struct kvm_xcrs *")))
+
+    def get_regs(self) -> object:
+        return self.regs
+
+    def get_sregs(self) -> object:
+        return self.sregs
+
+    def get_state(self, kind: str) -> bytes:
+        return self.xsave if kind == "xsave" else self.xcrs
+
+    def get_vcpu_events(self) -> object:
+        return self.events
+
+    def set_regs(self, regs: object) -> None:
+        pass
+
+    set_sregs = set_vcpu_events = set_regs
+
+    def set_state(self, kind: str, data: bytes) -> None:
+        pass
+
+
+_emu_mem = GuestMemory.allocate(2 << 20, check_available=False)
+
+
+def fuzz_emulate(data: bytes) -> int:
+    """An instruction KVM gave up on, as a hostile guest sets it up: the instruction bytes,
+    every register, CR0/CR3/CR4/EFER, the code segment's mode, FS/GS bases, FSW/MXCSR,
+    and the first 64 KiB of guest RAM (page tables included: CR3 points into it). The
+    emulator must emulate it, inject a fault, or decline with an explanation: no
+    exception may come out of recover() or explain()."""
+    from kvmm import emulate as E
+    from kvmm.kvm import exits as X
+    from kvmm.kvm import ioctls as K
+    from kvmm.kvm.structs import ffi
+
+    r = _Reader(data)
+    insn = r.rest()[:15]
+    r.pos += 15
+    regs = ffi.new("struct kvm_regs *")
+    for name in (*E.GPRS, "rip", "rflags"):
+        setattr(regs, name, r.take(8))
+    sregs = ffi.new("struct kvm_sregs *")
+    sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer = r.take(4), r.take(2) << 4, r.take(4), r.take(2)
+    mode = r.take(1)
+    sregs.cs.l, sregs.cs.db, sregs.ss.dpl = mode & 1, mode >> 1 & 1, 3 if mode & 4 else 0
+    sregs.fs.base, sregs.gs.base = r.take(8), r.take(8)
+    for seg in (sregs.ds, sregs.ss, sregs.es):
+        seg.present, seg.limit, seg.type, seg.base = 1, r.take(4), r.take(1) & 0xF, r.take(4)
+    xsave = bytearray(4096)
+    xsave[2:4] = r.take(2).to_bytes(2, "little")
+    xsave[24:28] = r.take(4).to_bytes(4, "little")
+    ram = r.rest()[: 64 << 10]
+    _emu_mem.fill(0, 64 << 10)
+    _emu_mem.write(0, ram)
+    vcpu = _EmuVcpu(regs, sregs, bytes(xsave))
+    emu = E.Emulator(_emu_mem, enabled=True, cpus=1 + (mode >> 3 & 1))
+    ex = X.InternalErrorExit(K.KVM_INTERNAL_ERROR_EMULATION, (), insn)
+    if not emu.recover(vcpu, ex):
+        assert isinstance(emu.explain(vcpu, ex), str)
+    return 1  # one instruction emulated, faulted or explained
+
+
 TARGETS = {name[len("fuzz_"):]: fn for name, fn in list(globals().items()) if name.startswith("fuzz_")}

@@ -36,7 +36,7 @@ from .devices.pci import PciBus
 from .devices.serial import Serial8250
 from .errors import ConfigError
 from .eventloop import EventLoop
-from .host import HostKind, build_cmdline
+from .host import HostKind, build_cmdline, host_cmdline
 from .irq import IoEventNotifier, KvmInterrupts
 from .kvm import ioctls as K
 from .kvm.system import Kvm, Vm
@@ -273,7 +273,7 @@ def _build(cfg: VmConfig, host: HostKind, loop: EventLoop, events: PlatformEvent
             kernel = read_image(cfg.kernel, "kernel", cfg.mem_size)
             multiboot = cfg.kernel_format == "multiboot" or (cfg.kernel_format == "auto" and is_multiboot(kernel))
             initrd = read_image(cfg.initrd, "initrd", cfg.mem_size) if cfg.initrd and not multiboot else None  # multiboot: modules
-            p.cmdline = build_cmdline(cfg.cmdline, _default_cmdline(cfg), host.extra_cmdline)
+            p.cmdline = build_cmdline(cfg.cmdline, _default_cmdline(cfg), host_cmdline(host, cfg.cpus))
         if prepared is not None and prepared.mem.size != cfg.mem_size:
             raise ConfigError(f"the prepared VM has {prepared.mem.size} bytes of RAM, the configuration {cfg.mem_size}")
         if p.mem is None:
@@ -376,10 +376,14 @@ def _log_start(p: Platform, snapshot: Snapshot | None) -> None:
     cfg, host = p.config, p.host
     if host.software_nested:
         linux = snapshot is None and p.boot is not None and p.boot.kind != "multiboot"
-        workarounds = [f"adding kernel parameters '{' '.join(host.extra_cmdline)}'"] if linux else []
-        if host.inject_int3:
-            workarounds.append("delivering int3 (and stepping over fwait) by hand")
-        LOG.info("host KVM is %s (software nested, no VT-x/AMD-V): %s", host.name, " and ".join(workarounds))
+        if host.emulate:
+            from .emulate import plan_summary
+
+            plan = plan_summary(cfg.cpus) if linux else plan_summary(cfg.cpus).split("; ", 1)[1]
+        else:
+            plan = "no instruction emulation"
+        speed = f"; '{' '.join(host.speed_cmdline)}' for a slow CPU" if linux and host.speed_cmdline else ""
+        LOG.info("host KVM is %s (software nested, no VT-x/AMD-V): %s%s", host.name, plan, speed)
     cpus = f"{cfg.cpus} vCPU{'s' if cfg.cpus > 1 else ''}"
     if snapshot is not None:
         LOG.info("restoring %s: %s, %d MiB, %s, taken %s", snapshot.path, cfg.kernel, cfg.mem_size >> 20, cpus,

@@ -1,12 +1,14 @@
 """Host KVM kind detection and the workarounds a software-nested KVM needs.
 
-On ``kvm_pvm`` (a page-table-based nested KVM without VT-x/AMD-V, see the project's
-host notes) KVM's instruction emulator runs much guest code and cannot emulate some
-instructions. Kernel parameters keep the guest away from them (``noxsave``,
-``clearcpuid=smap,popcnt``; CPUID filtering does not hide them there), and an ``int3``
-that fails emulation is delivered to the guest by hand (see :mod:`kvmm.vcpu`). Guest user
-space cannot make system calls there, so a Linux boot ends at the kernel's exec of init.
-On hardware KVM none of this applies and nothing changes.
+On ``kvm_pvm`` (a page-table-based nested KVM without VT-x/AMD-V, see docs/hosts.md)
+KVM's instruction emulator runs much guest code and cannot emulate some instructions.
+What kvmm does about each one, emulate it or keep Linux away from it with a kernel
+parameter (CPUID filtering does not hide features there), is one table,
+:data:`kvmm.emulate.HANDLERS`; :func:`host_cmdline` adds its parameters to this module's
+own (:attr:`HostKind.speed_cmdline`: timing, calibration and the lockup watchdogs on a
+CPU about 1000 times slower than hardware). Guest user space cannot make system calls
+there, so a Linux boot ends at the kernel's exec of init. On hardware KVM none of this
+applies and nothing changes.
 """
 
 from __future__ import annotations
@@ -34,31 +36,32 @@ HYPERCALL_FEATURES = KVM_FEATURE_PV_UNHALT | KVM_FEATURE_PV_SEND_IPI | KVM_FEATU
 
 class HostKind(NamedTuple):
     name: str  # "hardware" or "kvm_pvm"
-    extra_cmdline: tuple[str, ...]
-    inject_int3: bool
+    speed_cmdline: tuple[str, ...]  # kernel parameters for a slow, emulated CPU
+    emulate: bool  # kvmm emulates what KVM's emulator cannot (kvmm.emulate.HANDLERS)
     userspace_works: bool
     hidden_kvm_features: int = 0  # CPUID 0x40000001 EAX bits not offered to the guest
-    skip_fwait: bool = False  # step over an fwait the emulator cannot run (x87 exceptions are masked)
 
     @property
     def software_nested(self) -> bool:
         return self.name != "hardware"
 
 
-HARDWARE = HostKind("hardware", (), inject_int3=False, userspace_works=True)
+HARDWARE = HostKind("hardware", (), emulate=False, userspace_works=True)
 PVM = HostKind(
     "kvm_pvm",
-    # noxsave: xsave/xrstor cannot be emulated; clearcpuid: nor can clac or popcnt.
     # lpj/tsc=reliable skip calibration loops that take minutes in the emulator.
-    ("noxsave", "clearcpuid=smap,popcnt", "lpj=1000000", "tsc=reliable"),
-    inject_int3=True,
+    # nowatchdog: the soft- and hard-lockup detectors measure the emulator, not the
+    # guest: at ~1000x slower, 20 ms of hardware work trips the 20 s soft-lockup limit
+    # (watchdog_thresh tops out at 60, a 120 s limit: 120 ms of hardware work), and each
+    # false report prints stack traces over an emulated UART; the detectors' per-CPU
+    # timers and threads cost emulated time too. kvmm's --timeout and the boot watch
+    # catch a guest that really hangs (docs/hosts.md).
+    ("lpj=1000000", "tsc=reliable", "nowatchdog"),
+    emulate=True,
     userspace_works=False,
     # A guest vmcall there takes about a minute (ptp_kvm) or never returns (an AP's PV
     # IPI during SMP bring-up): offer no hypercall-based PV feature.
     hidden_kvm_features=HYPERCALL_FEATURES,
-    # fwait (9b) in fpu__drop() fails emulation there when a task exits; with x87
-    # exceptions masked (the kernel's FNINIT state) it is a no-op, so kvmm steps over it.
-    skip_fwait=True,
 )
 
 
@@ -94,10 +97,35 @@ def kind_summary(kvm_device: str | None = None, sys_module: str = SYS_MODULE) ->
     return f"hardware, {extension}" if extension else "hardware"
 
 
+def host_cmdline(host: HostKind, cpus: int) -> tuple[str, ...]:
+    """The kernel parameters ``host`` needs for a Linux guest with ``cpus`` vCPUs: the
+    emulation table's (instructions Linux is kept from) and the host's own."""
+    if not host.emulate:
+        return host.speed_cmdline
+    from .emulate import avoid_cmdline
+
+    return (*avoid_cmdline(cpus), *host.speed_cmdline)
+
+
+# Parameters whose values are comma-separated lists Linux reads once (the last word
+# wins): the user's list and kvmm's are merged into one word instead of the user's
+# replacing kvmm's (a user's clearcpuid=avx must not bring back what kvm_pvm needs hidden).
+LIST_KEYS = ("clearcpuid",)
+
+
 def build_cmdline(user: str, defaults: tuple[str, ...], workarounds: tuple[str, ...] = ()) -> str:
     """Defaults, then host workarounds, then the user's words; a key the user gives
-    (``console=``, ``panic=``...) drops the default or workaround of the same key."""
+    (``console=``, ``panic=``...) drops the default or workaround of the same key, except
+    the list parameters of :data:`LIST_KEYS`, whose values are merged (kvmm's first)."""
     user_words = user.split()
+    merged: dict[str, list[str]] = {}
+    for w in (*defaults, *workarounds, *user_words):
+        key, eq, value = w.partition("=")
+        if key in LIST_KEYS and eq:
+            merged.setdefault(key, [])
+            merged[key] += [v for v in value.split(",") if v and v not in merged[key]]
     user_keys = {w.split("=", 1)[0] for w in user_words}
-    kept = [w for w in (*defaults, *workarounds) if w.split("=", 1)[0] not in user_keys]
-    return " ".join(kept + user_words)
+    kept = [w for w in (*defaults, *workarounds) if w.split("=", 1)[0] not in user_keys | set(merged)]
+    user_kept = [w for w in user_words if w.split("=", 1)[0] not in merged]
+    lists = [f"{key}={','.join(values)}" for key, values in merged.items()]
+    return " ".join(kept + lists + user_kept)

@@ -30,7 +30,7 @@ from typing import Any, Callable, NamedTuple
 from . import __version__
 from .defaults import MAX_CPUS
 from .errors import KvmmError
-from .host import HARDWARE, SYS_MODULE, HostKind, detect_host, hardware_extension, kind_summary
+from .host import HARDWARE, SYS_MODULE, HostKind, detect_host, hardware_extension, host_cmdline, kind_summary
 from .kvm import ioctls as K
 from .kvm.system import Kvm, kvm_device_path
 
@@ -280,11 +280,12 @@ def _try_vm(kvm: Kvm) -> str | None:
 # --- judging ------------------------------------------------------------------------------
 def _pvm_means(kind: HostKind) -> str:
     hidden = " (PV IPIs, PV spinlock kicks, PV sched yield)" if kind.hidden_kvm_features else ""
-    done = [f"adds the kernel parameters '{' '.join(kind.extra_cmdline)}'"]
-    if kind.inject_int3:
-        done.append("injects the int3 the emulator fails on")
-    if kind.skip_fwait:
-        done.append("steps over an fwait it cannot run")
+    done = [f"adds the kernel parameters '{' '.join(host_cmdline(kind, 1))}' (with several vCPUs "
+            f"'{' '.join(host_cmdline(kind, 2))}')"]
+    if kind.emulate:
+        from .emulate import emulated_mnemonics
+
+        done.append(f"emulates the instructions KVM's emulator cannot ({', '.join(emulated_mnemonics(1))})")
     if kind.hidden_kvm_features:
         done.append(f"hides the hypercall-based KVM features{hidden}")
     return ("guest code runs about 1000 times slower than on hardware (a Linux boot to init takes 30-60 s); "
@@ -457,7 +458,7 @@ def report_json(facts: HostFacts, checks: list[Check]) -> dict[str, Any]:
             "summary": kind_summary(facts.kvm_device),
             "software_nested": facts.kind.software_nested,
             "userspace_works": facts.kind.userspace_works,
-            "extra_cmdline": list(facts.kind.extra_cmdline),
+            "extra_cmdline": list(host_cmdline(facts.kind, 1)),
             "api_version": facts.api_version,
         },
         "capabilities": {cap.macro: facts.capabilities.get(cap.number, 0) for cap in CAPABILITIES}

@@ -5,8 +5,9 @@ the exits that come back to kvmm.
   beyond the device's own).
 - Every other exit goes through :func:`exit_outcome`, a pure function from an exit to how
   the machine ends (or None: go on), tested without /dev/kvm.
-- ``KVM_EXIT_INTERNAL_ERROR`` first goes to the host's recoveries (kvm_pvm's emulator
-  cannot run some instructions: :class:`PvmRecovery`).
+- ``KVM_EXIT_INTERNAL_ERROR`` first goes to the instruction emulator (kvm_pvm's
+  emulator cannot run some instructions: :mod:`kvmm.emulate`), which also explains the
+  ones it does not handle.
 - Pause and stop: :meth:`VcpuRunner.kick` brings every vCPU out of KVM_RUN
   (``immediate_exit`` for the next entry, a signal for one already inside); a vCPU that
   sees a pause request parks until resumed, with the instruction it was in completed.
@@ -27,7 +28,6 @@ from .coalesced import CoalescedPio
 from .config import Outcome, VmResult
 from .devices.bus import MmioBus, PioBus
 from .errors import KvmmError
-from .host import HostKind
 from .kvm import ioctls as K
 from .kvm import exits as X
 from .kvm.exits import InternalErrorExit, InterruptedExit, IoExit, MmioExit
@@ -36,8 +36,6 @@ from .kvm.system import Vcpu
 LOG = logging.getLogger(__name__)
 
 KICK_SIGNAL = signal.SIGUSR1
-FWAIT = b"\x9b"
-INT3 = b"\xcc"
 
 
 def install_kick_handler() -> bool:
@@ -53,10 +51,11 @@ def install_kick_handler() -> bool:
 install_kick_handler()
 
 
-def exit_outcome(ex: X.Exit, vcpu_id: int, rip: int | None = None) -> VmResult | None:
+def exit_outcome(ex: X.Exit, vcpu_id: int, rip: int | None = None, detail: str | None = None) -> VmResult | None:
     """How the machine ends after exit ``ex`` of vCPU ``vcpu_id`` (at ``rip``, for an
-    internal error), or None to go on. For every exit but port/MMIO I/O and an internal
-    error the host recovered from (the vCPU loop serves those itself). A reset is
+    internal error; ``detail``: the emulator's explanation of it), or None to go on. For
+    every exit but port/MMIO I/O and an internal error the host recovered from (the
+    vCPU loop serves those itself). A reset is
     reported as RESET; the boot watch turns it into a panic if the kernel had panicked
     (BootWatch.explain)."""
     if isinstance(ex, InterruptedExit):
@@ -75,6 +74,8 @@ def exit_outcome(ex: X.Exit, vcpu_id: int, rip: int | None = None) -> VmResult |
         return VmResult(Outcome.VCPU_ERROR,
                         f"vCPU {vcpu_id}: KVM could not enter the guest (hardware reason {ex.hardware_reason:#x})")
     if isinstance(ex, InternalErrorExit):
+        if detail:
+            return VmResult(Outcome.VCPU_ERROR, f"vCPU {vcpu_id}: {detail}")
         what = ("KVM could not emulate an instruction" if ex.suberror == K.KVM_INTERNAL_ERROR_EMULATION
                 else f"KVM internal error {ex.suberror}")
         insn = ex.insn.hex(" ") if ex.insn else "unavailable"
@@ -84,51 +85,16 @@ def exit_outcome(ex: X.Exit, vcpu_id: int, rip: int | None = None) -> VmResult |
 
 
 class Recovery(Protocol):
-    """What the host can do about a KVM internal error (software-nested KVM's emulator)."""
+    """What the host can do about a KVM internal error (kvm_pvm's emulator):
+    :class:`kvmm.emulate.Emulator`."""
 
     def recover(self, vcpu: Vcpu, ex: InternalErrorExit) -> bool:
         """True if the vCPU may go on (the instruction was dealt with)."""
 
+    def explain(self, vcpu: Vcpu, ex: InternalErrorExit) -> str:
+        """Why the internal error stops the vCPU (disassembly, RIP, symbol, advice)."""
+
     def counters(self) -> dict[str, int]: ...
-
-
-class PvmRecovery:
-    """kvm_pvm's emulator fails on an ``int3`` (the kernel's int3 self-test) and an
-    ``fwait``: the int3 is delivered by hand (RIP past it, #BP injected: it is a trap, so
-    the guest's handler sees RIP after it), the fwait stepped over (a no-op with x87
-    exceptions masked, the kernel's FNINIT state)."""
-
-    def __init__(self, host: HostKind) -> None:
-        self.host = host
-        self.int3_injected = 0
-        self.fwait_skipped = 0
-
-    def recover(self, vcpu: Vcpu, ex: InternalErrorExit) -> bool:
-        if ex.suberror != K.KVM_INTERNAL_ERROR_EMULATION:
-            return False
-        first = ex.insn[:1]
-        if first == FWAIT and self.host.skip_fwait:
-            regs = vcpu.get_regs()
-            regs.rip += 1
-            vcpu.set_regs(regs)
-            self.fwait_skipped += 1
-            return True
-        if first == INT3 and self.host.inject_int3:
-            regs = vcpu.get_regs()
-            regs.rip += 1
-            vcpu.set_regs(regs)
-            events = vcpu.get_vcpu_events()
-            events.exception.injected = 1
-            events.exception.nr = 3
-            events.exception.has_error_code = 0
-            events.flags = 0
-            vcpu.set_vcpu_events(events)
-            self.int3_injected += 1
-            return True
-        return False
-
-    def counters(self) -> dict[str, int]:
-        return {"int3_injected": self.int3_injected, "fwait_skipped": self.fwait_skipped}
 
 
 class VcpuRunner:
@@ -237,8 +203,11 @@ class VcpuRunner:
             elif kind is InternalErrorExit and self.recovery.recover(vcpu, ex):
                 continue
             else:
-                rip = vcpu.get_regs().rip if kind is InternalErrorExit else None
-                result = exit_outcome(ex, vcpu.id, rip)
+                rip = detail = None
+                if kind is InternalErrorExit:
+                    rip = vcpu.get_regs().rip
+                    detail = self.recovery.explain(vcpu, ex)
+                result = exit_outcome(ex, vcpu.id, rip, detail)
                 if result is not None:
                     self.stop(result)
                     if result.outcome is Outcome.VCPU_ERROR:

@@ -27,7 +27,8 @@ from .defaults import DEFAULT_CMDLINE, EXIT_DEBUG_BASE, EXIT_OK, EXIT_PANIC, EXI
 from .errors import ConfigError, KvmmError, SnapshotError
 from .eventloop import EventLoop
 from .host import HostKind, detect_host
-from .vcpu import PvmRecovery, VcpuRunner
+from .emulate import Emulator
+from .vcpu import VcpuRunner
 from .watch import BootWatch, VmStats
 
 if TYPE_CHECKING:  # imported where used: a VM that never snapshots or serves a socket skips them
@@ -93,7 +94,7 @@ class Machine:
             self._closed = True
             raise
         p = self.platform
-        self.recovery = PvmRecovery(self.host)
+        self.recovery = Emulator(p.mem, self.host.emulate, config.cpus, config.kernel)
         self.runner = VcpuRunner(p.vm.vcpus, p.pio, p.mmio, p.coalesced, self.recovery, self.stop)
         self.stats = VmStats(self.runner, self.watch)
         self.console: ConsoleOutput = p.console

@@ -21,7 +21,7 @@ elif [ -f "$(python3 -c 'import sysconfig; print(sysconfig.get_path("stdlib"))')
     python3 -m venv .venv >&2
     py=.venv/bin/python
 fi
-if ! "$py" -c "import kvmm, cffi, ioctl_opt, psutil, lz4, zstandard, pytest, hypothesis, xdist, mypy, build" 2>/dev/null \
+if ! "$py" -c "import kvmm, cffi, ioctl_opt, psutil, lz4, zstandard, iced_x86, pytest, hypothesis, xdist, mypy, build" 2>/dev/null \
    || [ "$("$py" -c 'import kvmm, os; print(os.path.dirname(os.path.dirname(kvmm.__file__)))')" != "$PWD" ]; then
     echo "setup: pip install -e .[test]" >&2
     "$py" -m pip install -q --disable-pip-version-check -e ".[test]" >&2

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmm.host import HARDWARE, PVM, build_cmdline, detect_host
+from kvmm.host import HARDWARE, PVM, build_cmdline, detect_host, host_cmdline
 from kvmm.vm import DEFAULT_CMDLINE
 
 
@@ -18,12 +18,12 @@ def test_pvm_detected_from_its_sysfs_module(tmp_path: Path, monkeypatch: pytest.
 
 
 def test_hardware_host_adds_nothing() -> None:
-    assert build_cmdline("", DEFAULT_CMDLINE, HARDWARE.extra_cmdline) == "console=ttyS0 panic=-1 reboot=k"
+    assert build_cmdline("", DEFAULT_CMDLINE, host_cmdline(HARDWARE, 1)) == "console=ttyS0 panic=-1 reboot=k"
 
 
 def test_pvm_host_adds_its_workarounds() -> None:
-    line = build_cmdline("root=/dev/vda", DEFAULT_CMDLINE, PVM.extra_cmdline).split()
-    for word in ("noxsave", "clearcpuid=smap,popcnt", "root=/dev/vda", "console=ttyS0"):
+    line = build_cmdline("root=/dev/vda", DEFAULT_CMDLINE, host_cmdline(PVM, 1)).split()
+    for word in ("noxsave", "clearcpuid=smap,popcnt,ssse3", "nowatchdog", "root=/dev/vda", "console=ttyS0"):
         assert word in line
 
 
@@ -34,7 +34,7 @@ def test_user_parameter_replaces_default_of_same_key() -> None:
 
 
 def test_user_can_override_a_workaround() -> None:
-    line = build_cmdline("lpj=5000000", (), PVM.extra_cmdline).split()
+    line = build_cmdline("lpj=5000000", (), host_cmdline(PVM, 1)).split()
     assert "lpj=1000000" not in line and "lpj=5000000" in line
 
 

@@ -236,8 +236,11 @@ def test_missing_coalesced_pio_is_a_note_with_its_cost() -> None:
 def test_pvm_kind_warns_and_lists_every_workaround() -> None:
     check = line(evaluate(host(kind=PVM)), "KVM kind")
     assert check.verdict == WARN and check.detail.startswith("kvm_pvm")
-    assert " ".join(PVM.extra_cmdline) in check.means
-    assert "int3" in check.means and "fwait" in check.means and "hypercall" in check.means
+    from kvmm.host import host_cmdline
+
+    assert " ".join(host_cmdline(PVM, 1)) in check.means and "clearcpuid=cx16" in check.means
+    assert "int3" in check.means and "fwait" in check.means and "cmpxchg16b" in check.means
+    assert "hypercall" in check.means
     assert "cannot make system calls" in check.means
 
 

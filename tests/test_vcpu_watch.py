@@ -16,7 +16,9 @@ from kvmm.devices.bus import MmioBus, PioBus
 from kvmm.host import HARDWARE, PVM
 from kvmm.kvm import ioctls as K
 from kvmm.kvm import exits as X
-from kvmm.vcpu import PvmRecovery, VcpuRunner, exit_outcome
+from kvmm.emulate import Emulator
+from kvmm.kvm.structs import ffi
+from kvmm.vcpu import VcpuRunner, exit_outcome
 from kvmm.watch import RECENT_MARKERS, BootWatch
 
 from devices.test_coalesced import Recorder
@@ -58,7 +60,8 @@ class FakeVcpu:
     def __init__(self, vcpu_id: int, exits: list[Any], rip: int = 0x1000) -> None:
         self.id = vcpu_id
         self.exits = list(exits)
-        self.regs = SimpleNamespace(rip=rip, rsp=0, rflags=2)
+        self.regs = ffi.new("struct kvm_regs *")
+        self.regs.rip, self.regs.rflags = rip, 2
         self.events = SimpleNamespace(exception=SimpleNamespace(injected=0, nr=0, has_error_code=0), flags=1)
         self.set_regs_calls = 0
         self.kicks = 0
@@ -73,7 +76,13 @@ class FakeVcpu:
         self.set_regs_calls += 1
 
     def get_sregs(self) -> Any:
-        return SimpleNamespace(cr0=0x80000011, cr3=0x9000)
+        sregs = ffi.new("struct kvm_sregs *")  # 64-bit kernel mode, paging on
+        sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer = 0x80000011, 0x9000, 0x20, 0x500
+        sregs.cs.l = 1
+        return sregs
+
+    def get_state(self, kind: str) -> bytes:
+        return bytes(4096)  # an XSAVE area in its initial state: no x87 exception pending
 
     def get_vcpu_events(self) -> Any:
         return self.events
@@ -97,6 +106,9 @@ class Window(Recorder):
         return 0xAABBCCDD
 
 
+MEM: Any = SimpleNamespace()  # the scripted instructions (int3, fwait, clac) touch no guest memory
+
+
 def make_runner(vcpus: list[FakeVcpu], host: Any = HARDWARE) -> tuple[VcpuRunner, list[VmResult], Port, Window]:
     pio, mmio, port, window = PioBus(), MmioBus(), Port(), Window()
     pio.register(0x3F8, 8, port)
@@ -108,7 +120,7 @@ def make_runner(vcpus: list[FakeVcpu], host: Any = HARDWARE) -> tuple[VcpuRunner
         results.append(result)
         runner.halt()
 
-    runner = VcpuRunner(vcpus, pio, mmio, None, PvmRecovery(host), stop)  # type: ignore[arg-type]
+    runner = VcpuRunner(vcpus, pio, mmio, None, Emulator(MEM, host.emulate, len(vcpus)), stop)  # type: ignore[arg-type]
     return runner, results, port, window
 
 
@@ -141,11 +153,12 @@ def test_an_unclaimed_port_read_gives_all_ones_and_the_loop_goes_on() -> None:
 
 
 def test_an_emulation_failure_the_host_cannot_recover_ends_the_run_with_rip() -> None:
-    vcpu = FakeVcpu(0, [X.InternalErrorExit(EMULATION, (), b"\x0f\x01\xca")], rip=0xFFFF_FFFF_8100_0123)
+    vcpu = FakeVcpu(0, [X.InternalErrorExit(EMULATION, (), bytes.fromhex("480fae2c24"))], rip=0xFFFF_FFFF_8100_0123)
     runner, results, _, _ = make_runner([vcpu], host=PVM)
     runner._loop(vcpu)  # type: ignore[arg-type]
     assert results[0].outcome is Outcome.VCPU_ERROR
-    assert "at RIP 0xffffffff81000123 (instruction bytes: 0f 01 ca)" in results[0].message
+    assert "vCPU 0: KVM could not emulate `xrstor64 [rsp]` at RIP 0xffffffff81000123 (instruction bytes: " \
+           "48 0f ae 2c 24): kvmm does not emulate xrstor64" in results[0].message
 
 
 def test_kvm_pvm_int3_is_injected_and_the_guest_goes_on() -> None:
@@ -155,14 +168,14 @@ def test_kvm_pvm_int3_is_injected_and_the_guest_goes_on() -> None:
     assert vcpu.regs.rip == 0x5001 and vcpu.set_regs_calls == 1  # a trap: the handler sees RIP after it
     assert (vcpu.events.exception.injected, vcpu.events.exception.nr, vcpu.events.flags) == (1, 3, 0)
     assert results[0].outcome is Outcome.POWEROFF
-    assert runner.recovery.counters() == {"int3_injected": 1, "fwait_skipped": 0}
+    assert runner.recovery.counters() == {"emulated_int3": 1}
 
 
-def test_kvm_pvm_fwait_is_stepped_over() -> None:
+def test_kvm_pvm_fwait_with_no_pending_x87_exception_is_stepped_over() -> None:
     vcpu = FakeVcpu(0, [X.InternalErrorExit(EMULATION, (), b"\x9b\xdb\xe2"), X.HltExit()], rip=0x7000)
     runner, results, _, _ = make_runner([vcpu], host=PVM)
     runner._loop(vcpu)  # type: ignore[arg-type]
-    assert vcpu.regs.rip == 0x7001 and runner.recovery.counters()["fwait_skipped"] == 1
+    assert vcpu.regs.rip == 0x7001 and runner.recovery.counters()["emulated_fwait"] == 1
 
 
 def test_hardware_kvm_recovers_nothing() -> None:

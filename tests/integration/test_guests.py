@@ -144,9 +144,39 @@ def test_regression_panic_then_i8042_reset_reports_panic(guests) -> None:  # typ
 
 def test_regression_fwait_does_not_stop_the_vcpu(guests) -> None:  # type: ignore[no-untyped-def]
     # Bug: a Linux guest on kvm_pvm died with "KVM could not emulate ... (9b ...)" when a
-    # task exited (fpu__drop). kvmm steps over fwait there; on hardware it runs natively.
+    # task exited (fpu__drop). kvmm emulates fwait there; on hardware it runs natively.
     res = run_kvmm("-q", "--kernel", str(guests("fwait")), "--mem", "64M")
     assert res.stdout == b"fwait done\n" and res.returncode == EXIT_DEBUG_BASE + 9, res.stderr
+
+
+# Each instruction kvmm emulates (kvmm/emulate.py HANDLERS) executed by a guest that checks
+# the architectural result itself (registers, flags, memory, the exceptions it raises);
+# tests/test_emulate.py::test_every_emulated_mnemonic_has_a_test_guest keeps the lists in step.
+EMULATION_GUESTS = [
+    ("emu_cmpxchg16b", b"cmpxchg16b ok\n", 16, ("cmpxchg16b",)),
+    ("emu_mxcsr", b"mxcsr ok\n", 17, ("ldmxcsr", "stmxcsr")),
+    ("emu_xgetbv", b"xgetbv ok\n", 18, ("xgetbv",)),
+    ("emu_smap", b"clac/stac ok\n", 19, ("clac", "stac")),
+    ("emu_popcnt", b"popcnt ok\n", 20, ("popcnt",)),
+    ("int3", b"breakpoint handled\n", 3, ("int3",)),
+    ("fwait", b"fwait done\n", 9, ("fwait",)),
+]
+
+
+@pytest.mark.parametrize("guest, expected, status, mnemonics", EMULATION_GUESTS, ids=[g[0] for g in EMULATION_GUESTS])
+def test_instruction_kvmm_emulates_gives_the_architectural_result(guests, guest: str, expected: bytes, status: int,  # type: ignore[no-untyped-def]
+                                                                  mnemonics: tuple[str, ...]) -> None:
+    from kvmm.host import detect_host
+
+    started = time.monotonic()
+    res = run_kvmm("--kernel", str(guests(guest)), "--mem", "64M", "--stats")
+    if b"skipped" in res.stdout:
+        pytest.skip(res.stdout.decode().strip())
+    assert res.stdout == expected and res.returncode == EXIT_DEBUG_BASE + status, (res.stdout, res.stderr)
+    if detect_host().emulate:  # on kvm_pvm kvmm did the work; on hardware KVM the CPU did
+        for m in mnemonics:
+            assert f"emulated_{m}=".encode() in res.stderr, res.stderr
+    assert time.monotonic() - started < 20
 
 
 @pytest.fixture(scope="module")
