@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import struct
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 from .layout import BOOT_STACK, COM1, EBDA_START, FLAT_SEGMENT, GDT_ADDR, IDENTITY_MAP_ADDR, IOAPIC_ADDR, LAPIC_ADDR, PML4_ADDR, TSS_ADDR
 from .errors import KvmUnavailableError
@@ -196,13 +196,7 @@ def setup_protected_mode(vcpu: Vcpu, entry: int, info: int, gdt_addr: int, gdt: 
     IDTR is empty (3.2: the OS must set up its own IDT before enabling interrupts); ESP
     is undefined by the specification and left 0."""
     sregs = vcpu.get_sregs()
-    code = segment_from_gdt(gdt[code_selector >> 3], code_selector)
-    data = segment_from_gdt(gdt[data_selector >> 3], data_selector)
-    for name, value in code.items():
-        setattr(sregs.cs, name, value)
-    for seg in (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss):
-        for name, value in data.items():
-            setattr(seg, name, value)
+    _load_flat_segments(sregs, gdt, code_selector, data_selector)
     sregs.gdt.base = gdt_addr
     sregs.gdt.limit = len(gdt) * 8 - 1
     sregs.idt.base = 0
@@ -221,18 +215,23 @@ def setup_protected_mode(vcpu: Vcpu, entry: int, info: int, gdt_addr: int, gdt: 
     vcpu.set_regs(regs)
 
 
-def setup_long_mode(vcpu: Vcpu, entry: int, boot_params: int) -> None:
-    """Registers for the 64-bit entry of the boot protocol."""
-    sregs = vcpu.get_sregs()
-    gdt = boot_gdt()
-    code = segment_from_gdt(gdt[BOOT_CS >> 3], BOOT_CS)
-    data = segment_from_gdt(gdt[BOOT_DS >> 3], BOOT_DS)
-    tss = segment_from_gdt(gdt[BOOT_TSS >> 3], BOOT_TSS)
+def _load_flat_segments(sregs: Any, gdt: Sequence[int], code_selector: int, data_selector: int) -> None:
+    """CS from the code descriptor, DS/ES/FS/GS/SS from the data descriptor of ``gdt``."""
+    code = segment_from_gdt(gdt[code_selector >> 3], code_selector)
+    data = segment_from_gdt(gdt[data_selector >> 3], data_selector)
     for name, value in code.items():
         setattr(sregs.cs, name, value)
     for seg in (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss):
         for name, value in data.items():
             setattr(seg, name, value)
+
+
+def setup_long_mode(vcpu: Vcpu, entry: int, boot_params: int) -> None:
+    """Registers for the 64-bit entry of the boot protocol."""
+    sregs = vcpu.get_sregs()
+    gdt = boot_gdt()
+    _load_flat_segments(sregs, gdt, BOOT_CS, BOOT_DS)
+    tss = segment_from_gdt(gdt[BOOT_TSS >> 3], BOOT_TSS)
     for name, value in tss.items():
         setattr(sregs.tr, name, value)
     sregs.gdt.base = GDT_ADDR
