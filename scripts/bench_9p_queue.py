@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import struct
 import sys
 import tempfile
 import time
@@ -31,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_blk_queue import bench_preadv  # noqa: E402
+from bench_blk_queue import bench_preadv, print_read_table  # noqa: E402
 from kvmm.memory import GuestMemory  # noqa: E402
 from kvmm.p9 import wire as W  # noqa: E402
 from kvmm.p9.server import FileServer, Limits  # noqa: E402
@@ -143,15 +141,7 @@ def main() -> None:
         cold: list[float] = []
         m.read_all(size, cold)
         m.close()
-    print(f"sequential read of {args.size_mib} MiB in {args.req_kib} KiB requests, {args.runs} runs (MiB/s)")
-    print(f"{'path':<44}{'median':>10}{'min':>10}{'max':>10}")
-    rows = (("host preadv, one hot buffer", host), (f"host preadv, {args.qdepth} buffers", host_q),
-            (f"kvmm virtqueue+virtio-9p Tread, qd {args.qdepth}", kvmm))
-    for name, vals in rows:
-        print(f"{name:<44}{statistics.median(vals) / MIB:>10.0f}{min(vals) / MIB:>10.0f}{max(vals) / MIB:>10.0f}")
-    k = statistics.median(kvmm)
-    print(f"ratio kvmm / host preadv (same {args.qdepth} buffers): {k / statistics.median(host_q):.2f}")
-    print(f"ratio kvmm / host preadv (one hot buffer): {k / statistics.median(host):.2f}")
+    print_read_table(args, host, host_q, f"kvmm virtqueue+virtio-9p Tread, qd {args.qdepth}", kvmm, width=44)
     print(f"one {args.req_kib} KiB Tread on the I/O thread (ms): page cache warm p50 {pct(warm, .5) * 1e3:.2f} "
           f"p99 {pct(warm, .99) * 1e3:.2f}; cold p50 {pct(cold, .5) * 1e3:.2f} p99 {pct(cold, .99) * 1e3:.2f} "
           f"max {max(cold) * 1e3:.1f}")
