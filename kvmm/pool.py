@@ -50,6 +50,9 @@ class RestorePool:
         self.path = os.fspath(path)
         snap = read_snapshot(self.path, verify_memory=verify_memory)  # SnapshotError now, not per test
         self.memory_path, self.mem_size = snap.memory_path, snap.manifest.config.mem_size
+        # The memory file the prepared VMs map: a snapshot rewritten in place while the
+        # pool lives must not pair its new state with the old memory (or the reverse).
+        self._memory_identity = self._memory_now()
         self.verify_memory = verify_memory
         self.ready = ready
         self._vms: deque[PreparedVm] = deque()
@@ -66,8 +69,12 @@ class RestorePool:
         """A :class:`kvmm.vm.Machine` continuing the snapshot on a prepared VM (the
         keywords are :meth:`Machine.restore`'s). Raises the error that stopped the pool
         from preparing VMs, or KvmmError if none was ready within ``timeout`` seconds."""
+        from .errors import SnapshotError
         from .vm import Machine
 
+        if self._memory_now() != self._memory_identity:
+            raise SnapshotError(f"the snapshot memory {self.memory_path} changed since the restore pool was made: "
+                                "make a new pool")
         return Machine.restore(self.path, console_path=console_path, stdin=stdin, host=host, api_socket=api_socket,
                                disks=disks, verify_memory=self.verify_memory, prepared=self._take(timeout))
 
@@ -86,7 +93,15 @@ class RestorePool:
             self._cond.notify_all()
             return vm
 
+    def _memory_now(self) -> tuple[int, ...] | None:
+        try:
+            st = os.stat(self.memory_path)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
     def _prepare_ahead(self) -> None:
+        from .errors import SnapshotError
         from .memory import GuestMemory
         from .x86 import vm_around
 
@@ -99,6 +114,9 @@ class RestorePool:
                 # As Machine.restore builds one (kvmm/builder.py): RAM first, then the VM;
                 # a restored UART decides its own coalescing, so no coalesced zone here.
                 vm = vm_around(GuestMemory.from_file(self.memory_path, self.mem_size))
+                if self._memory_now() != self._memory_identity:
+                    vm.close()
+                    raise SnapshotError(f"the snapshot memory {self.memory_path} changed since the restore pool was made")
             except Exception as exc:  # surfaces in restore(): the pool cannot do its job
                 LOG.error("the restore pool for %s cannot prepare VMs: %s", self.path, exc)
                 with self._cond:

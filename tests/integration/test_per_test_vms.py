@@ -159,3 +159,16 @@ def test_fixtures_run_the_200_test_example_suite(pytester: pytest.Pytester, gues
     seconds = time.monotonic() - started
     result.assert_outcomes(passed=200)
     print(f"200 tests on fresh restored VMs: {seconds:.1f} s including pytest's start and the session's boot")
+
+
+def test_pool_refuses_a_snapshot_rewritten_since_it_was_made(echo_snapshot, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Prepared VMs map the memory file as it was: a newer state must not meet old memory."""
+    snap = tmp_path / "snap"
+    shutil.copytree(echo_snapshot, snap, copy_function=shutil.copy2)
+    with RestorePool(snap, ready=1) as pool:
+        with pool.restore(console_path="/dev/null", disks=[disk_copy(echo_snapshot, tmp_path, "a.img")]) as m:
+            echo(m, "before")
+        st = os.stat(snap / "memory.bin")
+        os.utime(snap / "memory.bin", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+        with pytest.raises(SnapshotError, match="changed since the restore pool was made"):
+            pool.restore(console_path="/dev/null", disks=[disk_copy(echo_snapshot, tmp_path, "b.img")])
