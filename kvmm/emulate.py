@@ -820,7 +820,7 @@ class Emulator:
             first = self.counts[name] == 1
         if first:
             LOG.info("vCPU %d: emulated %s at RIP %#x%s (the first; the rest are counted)", vcpu.id,
-                     disassemble(insn), insn.ip, self._where(insn.ip))
+                     disassemble(insn), insn.ip, self.where(insn.ip))
         return True
 
     def explain(self, vcpu: Any, ex: Any) -> str:
@@ -858,7 +858,7 @@ class Emulator:
         except EmulationError as exc:
             why, advice = (last.reason, last.advice) if last is not None else (exc.reason, exc.advice)
         insn_hex = code.hex(" ") if code else "unavailable"
-        msg = f"KVM could not emulate {text} at RIP {rip:#x}{self._where(rip)} (instruction bytes: {insn_hex}): {why}"
+        msg = f"KVM could not emulate {text} at RIP {rip:#x}{self.where(rip)} (instruction bytes: {insn_hex}): {why}"
         return msg + (f". {advice}" if advice else "")
 
     def counters(self) -> dict[str, int]:
@@ -898,7 +898,9 @@ class Emulator:
         events.flags = 0
         vcpu.set_vcpu_events(events)
 
-    def _where(self, rip: int) -> str:
+    def where(self, rip: int) -> str:
+        """`` (symbol+offset, from FILE)`` for a kernel address, or why there is no symbol;
+        empty without a kernel file (the symbols are read once, on first use)."""
         if self.kernel is None:
             return ""
         if self._symbols is None:
@@ -907,6 +909,10 @@ class Emulator:
 
 
 # --- kernel symbols ------------------------------------------------------------------------
+# Where Debian's linux-image-VERSION-dbg package puts System.map-VERSION and vmlinux-VERSION.
+DEBUG_BOOT_DIR = "/usr/lib/debug/boot"
+
+
 class Symbols:
     """Kernel text symbols from a System.map (``ADDRESS TYPE NAME`` lines) or a vmlinux's
     ELF symbol table, for reports; ``source`` names the file, or says why there is none."""
@@ -916,17 +922,20 @@ class Symbols:
         self.source = source
 
     @classmethod
-    def beside(cls, kernel: str) -> Symbols:
+    def beside(cls, kernel: str, debug_dir: str = DEBUG_BOOT_DIR) -> Symbols:
         """Symbols from the first usable file among those a kernel usually has beside it:
-        ``System.map-VERSION`` for ``vmlinuz-VERSION``, ``System.map``, ``vmlinux`` (a
-        kernel build tree's for its ``arch/x86/boot/bzImage`` too), or the kernel itself
-        if it is an ELF vmlinux with a symbol table."""
+        ``System.map-VERSION`` for ``vmlinuz-VERSION`` (beside it, then in ``debug_dir``,
+        where Debian's ``linux-image-VERSION-dbg`` package installs the real one),
+        ``System.map``, ``vmlinux`` (a kernel build tree's for its
+        ``arch/x86/boot/bzImage`` too), or the kernel itself if it is an ELF vmlinux with a
+        symbol table."""
         d, base = os.path.split(os.path.abspath(kernel))
         candidates = []
         for prefix in ("vmlinuz-", "vmlinux-", "bzImage-"):
             if base.startswith(prefix):
                 version = base[len(prefix):]
-                candidates += [os.path.join(d, "System.map-" + version), os.path.join(d, "vmlinux-" + version)]
+                candidates += [os.path.join(where, name + version) for where in (d, debug_dir)
+                               for name in ("System.map-", "vmlinux-")]
         candidates += [os.path.join(d, "System.map"), os.path.join(d, "vmlinux")]
         if d.endswith(os.path.join("arch", "x86", "boot")):
             tree = os.path.dirname(os.path.dirname(os.path.dirname(d)))
@@ -939,7 +948,7 @@ class Symbols:
                 continue
             if _is_placeholder(path):
                 notes.append(f"{os.path.basename(path)} is a placeholder (Debian ships the real one in the "
-                             "kernel's -dbg package; put it beside the kernel)")
+                             f"kernel's -dbg package, in {debug_dir}; or put it beside the kernel)")
                 continue
             try:
                 syms = read_symbols(path)

@@ -96,6 +96,9 @@ class Recovery(Protocol):
 
     def counters(self) -> dict[str, int]: ...
 
+    def where(self, rip: int) -> str:
+        """`` (symbol+offset, from FILE)`` for a guest kernel address, or ``""``."""
+
 
 class VcpuRunner:
     """The vCPU threads of one machine. ``stop(result)`` ends the machine's run; the
@@ -264,7 +267,7 @@ class VcpuRunner:
             extra = self._dump_extra
         regs = vcpu.get_regs()
         sregs = vcpu.get_sregs()
-        LOG.warning("vCPU %d: RIP %#x RSP %#x RFLAGS %#x CR0 %#x CR3 %#x; exits %s; unclaimed ports %s%s",
-                    vcpu.id, regs.rip, regs.rsp, regs.rflags, sregs.cr0, sregs.cr3,
+        LOG.warning("vCPU %d: RIP %#x%s RSP %#x RFLAGS %#x CR0 %#x CR3 %#x; exits %s; unclaimed ports %s%s",
+                    vcpu.id, regs.rip, self.recovery.where(regs.rip), regs.rsp, regs.rflags, sregs.cr0, sregs.cr3,
                     {k.__name__: n for k, n in self.exit_kinds.items()},
                     {hex(p): n for p, n in self.pio.unhandled.most_common(8)}, extra())

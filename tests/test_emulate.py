@@ -544,11 +544,25 @@ def test_debians_placeholder_system_map_gives_no_symbol(tmp_path: Path) -> None:
     kernel.write_bytes(b"x")
     (tmp_path / "System.map-6.1.0-57-amd64").write_text(
         "ffffffffffffffff B The real System.map is in the linux-image-<version>-dbg package\n")
-    syms = Symbols.beside(str(kernel))
+    syms = Symbols.beside(str(kernel), debug_dir=str(tmp_path / "no-dbg-package"))
     assert syms.lookup(KERNEL_VA) is None
     assert syms.describe(KERNEL_VA) == (" (kernel symbol unknown: System.map-6.1.0-57-amd64 is a placeholder "
-                                        "(Debian ships the real one in the kernel's -dbg package; put it beside "
-                                        "the kernel))")
+                                        "(Debian ships the real one in the kernel's -dbg package, in "
+                                        f"{tmp_path / 'no-dbg-package'}; or put it beside the kernel))")
+
+
+def test_the_dbg_packages_system_map_replaces_debians_placeholder(tmp_path: Path) -> None:
+    boot, debug = tmp_path / "boot", tmp_path / "usr-lib-debug-boot"
+    boot.mkdir()
+    debug.mkdir()
+    kernel = boot / "vmlinuz-6.1.0-57-amd64"
+    kernel.write_bytes(b"x")
+    (boot / "System.map-6.1.0-57-amd64").write_text(
+        "ffffffffffffffff B The real System.map is in the linux-image-<version>-dbg package\n")
+    (debug / "System.map-6.1.0-57-amd64").write_text(f"{KERNEL_VA - 0x20:016x} T multi_cpu_stop\n")
+    syms = Symbols.beside(str(kernel), debug_dir=str(debug))
+    assert syms.describe(KERNEL_VA) == " (multi_cpu_stop+0x20, from System.map-6.1.0-57-amd64)"
+    assert syms.source == str(debug / "System.map-6.1.0-57-amd64")
 
 
 def test_symbols_from_a_vmlinux_elf(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ synthetic exits and console lines: no /dev/kvm, no threads unless a test starts 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 import threading
 from collections import Counter
 from types import SimpleNamespace
@@ -213,6 +214,24 @@ def test_every_vcpu_dumps_its_registers_whatever_order_they_come_in(caplog: pyte
         runner._dump(vcpus[0])  # type: ignore[arg-type]  # once per request
     dumped = [r.getMessage().split(":")[0] for r in caplog.records]
     assert dumped == ["vCPU 1", "vCPU 0"]
+
+
+def test_a_register_dump_names_the_kernel_function_each_vcpu_is_in(caplog: pytest.LogCaptureFixture,
+                                                                    tmp_path: Path) -> None:
+    # A boot that stalls is diagnosed from where its vCPUs are (SIGUSR2): an address alone
+    # means nothing to a user of a distribution kernel.
+    kernel = tmp_path / "vmlinuz-6.1.0-test"
+    kernel.write_bytes(b"not read")
+    (tmp_path / "System.map-6.1.0-test").write_text("ffffffff81000000 T _stext\nffffffff81100000 T trace_event_update_all\n"
+                                                    "ffffffff81100400 t later\n")
+    vcpus = [FakeVcpu(0, [], rip=0xFFFF_FFFF_8110_0042)]
+    runner, _, _, _ = make_runner(vcpus)
+    runner.recovery = Emulator(MEM, False, 1, str(kernel))
+    runner.request_dump()
+    with caplog.at_level(logging.WARNING, logger="kvmm.vcpu"):
+        runner._dump(vcpus[0])  # type: ignore[arg-type]
+    assert caplog.records[0].getMessage().startswith(
+        "vCPU 0: RIP 0xffffffff81100042 (trace_event_update_all+0x42, from System.map-6.1.0-test) RSP ")
 
 
 def test_pause_parks_a_running_vcpu_and_resume_lets_it_go() -> None:
