@@ -405,11 +405,11 @@ class Cpu:
         if la % align and self.cpl == 3 and self.sregs.cr0 & CR0_AM and self.regs.rflags & RFLAGS_AC:
             raise GuestFault(AC, 0)
 
-    def _pieces(self, la: int, n: int, write: bool) -> list[tuple[int, int]]:
+    def _pieces(self, la: int, n: int, write: bool, paging: Paging | None = None) -> list[tuple[int, int]]:
         """(GPA, length) per page of ``[la, la+n)``, every page translated before any byte
         moves (a fault on the second page leaves the first untouched, as on the CPU)."""
         out = []
-        paging = self.paging
+        paging = paging or self.paging
         mask = 0xFFFF_FFFF_FFFF_FFFF if self.bitness == 64 else 0xFFFF_FFFF
         while n:
             chunk = min(n, PAGE - la % PAGE)
@@ -424,6 +424,17 @@ class Cpu:
             return b"".join(self.mem.read(gpa, k) for gpa, k in self._pieces(la, n, for_write))
         except GuestMemoryError as exc:
             raise EmulationError(f"the operand at {la:#x} is not guest RAM ({exc})") from None
+
+    def read_system(self, la: int, n: int) -> bytes:
+        """``n`` bytes of a descriptor table at linear address ``la``: an implicit
+        supervisor access (SDM vol. 3A, 4.6: CPL 0's rights whatever the CPL, and SMAP
+        applies whatever RFLAGS.AC says)."""
+        implicit = self.paging._replace(cpl=0, rflags=self.regs.rflags & ~RFLAGS_AC)
+        mask = 0xFFFF_FFFF_FFFF_FFFF if self.bitness == 64 else 0xFFFF_FFFF
+        try:
+            return b"".join(self.mem.read(gpa, k) for gpa, k in self._pieces(la & mask, n, False, implicit))
+        except GuestMemoryError as exc:
+            raise EmulationError(f"the descriptor table at {la:#x} is not guest RAM ({exc})") from None
 
     def write(self, la: int, data: bytes) -> None:
         try:
@@ -574,6 +585,93 @@ def emulate_popcnt(cpu: Cpu, insn: Any) -> None:
     cpu.set_flags(arith, RFLAGS_ZF if src == 0 else 0)
 
 
+# Descriptor types (SDM vol. 3A, 3.5, table 3-2) LAR and LSL accept among system
+# descriptors, outside IA-32e mode and in it (vol. 2A, LAR and LSL): TSSs and the LDT for
+# both, call gates (and, outside IA-32e mode, task gates) for LAR only.
+LSL_SYSTEM_TYPES = {False: {0x1, 0x2, 0x3, 0x9, 0xB}, True: {0x2, 0x9, 0xB}}
+LAR_SYSTEM_TYPES = {False: {0x1, 0x2, 0x3, 0x4, 0x5, 0x9, 0xB, 0xC}, True: {0x2, 0x9, 0xB, 0xC}}
+RFLAGS_VM = 1 << 17
+
+
+def _selector_descriptor(cpu: Cpu, insn: Any, system_types: dict[bool, set[int]]) -> int | None:
+    """LAR/LSL's common part: the descriptor (8 bytes, little-endian) the source selector
+    names, or None where the instruction clears ZF (null selector, past the table's limit,
+    a type it does not take, CPL or RPL above a non-conforming segment's DPL, a 16-byte
+    system descriptor whose upper half is not type 0). #UD outside protected mode and with
+    LOCK; the memory source and the descriptor read fault as the CPU's accesses do."""
+    _no_lock(insn)
+    if not cpu.sregs.cr0 & CR0_PE or cpu.regs.rflags & RFLAGS_VM:
+        raise GuestFault(UD)
+    iced = _iced()
+    if insn.op1_kind == iced.OpKind.MEMORY:
+        la = cpu.operand_address(insn, 2)
+        cpu.check_alignment(la, 2)
+        selector = int.from_bytes(cpu.read(la, 2), "little")
+    else:
+        selector = cpu.get_reg(insn.op1_register) & 0xFFFF
+    offset, local, rpl = selector & 0xFFF8, selector & 4, selector & 3
+    if local:
+        table = cpu.sregs.ldt
+        if table.unusable or not table.present:
+            return None
+        base, limit = table.base, table.limit
+    elif offset == 0:  # the null selector
+        return None
+    else:
+        base, limit = cpu.sregs.gdt.base, cpu.sregs.gdt.limit
+    if offset + 7 > limit:
+        return None
+    descriptor = int.from_bytes(cpu.read_system(base + offset, 8), "little")
+    high = descriptor >> 32
+    kind, dpl, system = (high >> 8) & 0xF, (high >> 13) & 3, not high & (1 << 12)
+    long_mode = bool(cpu.sregs.efer & EFER_LMA)
+    if system:
+        if kind not in system_types[long_mode]:
+            return None
+        if long_mode:  # a 16-byte descriptor: its upper half must be type 0 (vol. 3A, 3.5)
+            if offset + 15 > limit or (int.from_bytes(cpu.read_system(base + offset + 12, 4), "little") >> 8) & 0x1F:
+                return None
+    conforming = not system and kind & 0b1100 == 0b1100
+    if not conforming and (cpu.cpl > dpl or rpl > dpl):
+        return None
+    return descriptor
+
+
+def _load_if_valid(cpu: Cpu, insn: Any, value: int | None) -> None:
+    """DEST and ZF as LAR/LSL leave them: ZF set and DEST loaded, or ZF clear and DEST
+    unchanged; no other flag changes."""
+    if value is None:
+        cpu.set_flags(RFLAGS_ZF, 0)
+        return
+    cpu.set_reg(insn.op0_register, value)
+    cpu.set_flags(RFLAGS_ZF, RFLAGS_ZF)
+
+
+def emulate_lsl(cpu: Cpu, insn: Any) -> None:
+    """LSL r, r/m16: the limit of the segment the selector names, in bytes (scaled by 4 KiB
+    with G), where the selector is valid for it (SDM vol. 2A, LSL). Linux's paranoid
+    entry (NMI, #MC, #DB) reads the CPU number from a GDT entry's limit this way on CPUs
+    without RDPID."""
+    descriptor = _selector_descriptor(cpu, insn, LSL_SYSTEM_TYPES)
+    if descriptor is None:
+        _load_if_valid(cpu, insn, None)
+        return
+    limit = (descriptor & 0xFFFF) | ((descriptor >> 32) & 0xF_0000)
+    if descriptor & (1 << 55):  # G: a limit in 4-KiB units
+        limit = (limit << 12) | 0xFFF
+    _load_if_valid(cpu, insn, limit)
+
+
+def emulate_lar(cpu: Cpu, insn: Any) -> None:
+    """LAR r, r/m16: the access rights of the descriptor (its second doubleword masked
+    with 0x00F0FF00; bits 19:16, which Intel leaves undefined, read as zero), 0xFF00 of it
+    for a 16-bit destination (SDM vol. 2A, LAR)."""
+    descriptor = _selector_descriptor(cpu, insn, LAR_SYSTEM_TYPES)
+    size = _registers()[insn.op0_register][1]
+    rights = None if descriptor is None else (descriptor >> 32) & (0xFF00 if size == 2 else 0x00F0_FF00)
+    _load_if_valid(cpu, insn, rights)
+
+
 def emulate_fwait(cpu: Cpu, insn: Any) -> None:
     """FWAIT: #NM with CR0.MP and CR0.TS; #MF (CR0.NE) if an unmasked x87 exception is
     pending (FSW.ES); otherwise nothing. (With CR0.NE clear a pending exception is
@@ -626,6 +724,8 @@ HANDLERS: dict[str, Handler] = {
     "clac": Handler(emulate_clac, "SMAP: user-access windows", avoid=("clearcpuid=smap",)),
     "stac": Handler(emulate_stac, "SMAP: user-access windows", avoid=("clearcpuid=smap",)),
     "popcnt": Handler(emulate_popcnt, "hweight()", avoid=("clearcpuid=popcnt",)),
+    "lsl": Handler(emulate_lsl, "the CPU number from a GDT limit in the NMI/#MC/#DB paranoid entry (no RDPID)"),
+    "lar": Handler(emulate_lar, "segment access rights (LSL's twin, same checks)"),
     # Kernel SIMD code after kernel_fpu_begin(): in Debian 12's 6.1 kernel the only
     # built-in user (by its config; every other SIMD driver is a module) is the RNG's
     # BLAKE2s (blake2s_compress_ssse3, chosen when CPUID says SSSE3); KVM stopped at

@@ -56,7 +56,10 @@ PVM = HostKind(
     # false report prints stack traces over an emulated UART; the detectors' per-CPU
     # timers and threads cost emulated time too. kvmm's --timeout and the boot watch
     # catch a guest that really hangs (docs/hosts.md).
-    ("lpj=1000000", "tsc=reliable", "nowatchdog"),
+    # rcupdate.rcu_cpu_stall_suppress=1: the same for RCU's CPU stall detector (21 s in
+    # Debian's kernel: 21 ms of hardware work, e.g. BTF parsing at boot); each report
+    # NMIs every CPU for a backtrace (measured: Debian's 6.1 kernel at 566 s).
+    ("lpj=1000000", "tsc=reliable", "nowatchdog", "rcupdate.rcu_cpu_stall_suppress=1"),
     emulate=True,
     userspace_works=False,
     # A guest vmcall there takes about a minute (ptp_kvm) or never returns (an AP's PV

@@ -500,6 +500,8 @@ def read_snapshot(path: str | os.PathLike[str], verify_memory: bool = False,
         raise SnapshotError(f"{path} is not a snapshot directory: {exc.strerror}") from None
     if not is_dir:
         raise SnapshotError(f"{path} is not a snapshot directory")
+    if not os.path.lexists(path / MANIFEST):  # before the key: what is wrong is the directory
+        raise SnapshotError(f"{path} is not a kvmm snapshot: it has no {MANIFEST}")
     if key is None:
         key = load_key()
     # A cached read counts only for the key it was authenticated with.

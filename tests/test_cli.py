@@ -178,9 +178,15 @@ def test_restore_takes_its_configuration_from_the_snapshot(tmp_path: Path, extra
     assert res.returncode == 2 and b"takes the VM's configuration from the snapshot" in res.stderr
 
 
-def test_restore_of_a_directory_that_is_no_snapshot(tmp_path: Path) -> None:
-    res = run_kvmm("--restore", str(tmp_path))
-    assert res.returncode == 15 and res.stderr.startswith(b"kvmm: error: ") and b"manifest" in res.stderr
+@pytest.mark.parametrize("key", ["this user's", "none yet"])
+def test_restore_of_a_directory_that_is_no_snapshot(tmp_path: Path, key: str) -> None:
+    # Regression: on a machine where kvmm had made no snapshot yet (no key), an empty
+    # directory was refused for want of a key instead of for being no snapshot.
+    env = None if key == "this user's" else {**os.environ, "KVMM_SNAPSHOT_KEY": str(tmp_path / "no-key")}
+    (tmp_path / "empty").mkdir()
+    res = run_kvmm("--restore", str(tmp_path / "empty"), env=env)
+    assert res.returncode == 15 and res.stderr == (f"kvmm: error: {tmp_path / 'empty'} is not a kvmm snapshot: "
+                                                   "it has no manifest.json\n").encode()
 
 
 def test_ctl_without_a_listening_socket(tmp_path: Path) -> None:

@@ -314,6 +314,112 @@ def test_popcnt_from_memory(mem: GuestMemory, tables: Tables) -> None:
     assert cpu.regs.rax == 8
 
 
+# --- LSL and LAR (SDM vol. 2A): a GDT at DATA_VA (GPA 0x20_0000) -----------------------
+def descriptor(base: int = 0, limit: int = 0, kind: int = 0x3, s: int = 1, dpl: int = 0, g: int = 0, db: int = 0,
+               long: int = 0) -> int:
+    high = ((base >> 16) & 0xFF) | (kind << 8) | (s << 12) | (dpl << 13) | (1 << 15) | (limit & 0xF_0000) \
+        | (long << 21) | (db << 22) | (g << 23) | (base & 0xFF00_0000)
+    return ((base & 0xFFFF) << 16) | (limit & 0xFFFF) | (high << 32)
+
+
+GDT_ENTRIES = {
+    0x10: descriptor(limit=0xFFFFF, kind=0xB, g=1, long=1),  # kernel code
+    0x18: descriptor(limit=0xFFFFF, kind=0x3, g=1, db=1),  # kernel data
+    0x20: descriptor(limit=0x1005, kind=0x5, dpl=3),  # Linux's CPUNODE entry: CPU 5, node 1, DPL 3
+    0x28: descriptor(limit=0x67, kind=0x9, s=0), 0x30: 0,  # a 64-bit TSS, 16 bytes, upper half type 0
+    0x38: descriptor(limit=0x67, kind=0x9, s=0), 0x40: 0x0000_0F00_0000_0000,  # upper half with a type
+    0x48: descriptor(limit=0x67, kind=0x1, s=0),  # a 16-bit TSS: no such thing in IA-32e mode
+    0x50: descriptor(kind=0xC, s=0), 0x58: 0,  # a 64-bit call gate: LAR only
+    0x60: descriptor(limit=0xFFF, kind=0xE),  # conforming code, DPL 0
+    0x68: descriptor(limit=0xABCDE, kind=0x3, dpl=0),  # data, DPL 0
+}
+
+
+@pytest.fixture
+def gdt_cpu(mem: GuestMemory, tables: Tables) -> Cpu:
+    for selector, value in GDT_ENTRIES.items():
+        mem.write_u64(0x20_0000 + selector, value)
+    cpu = long_mode(mem, tables, rax=0xDEAD_BEEF_DEAD_BEEF, rflags=0x2 | RFLAGS_CF)
+    cpu.sregs.gdt.base, cpu.sregs.gdt.limit = DATA_VA, 0x6F
+    cpu.sregs.ldt.unusable = 1
+    return cpu
+
+
+@pytest.mark.parametrize("selector, code, rax", [
+    (0x23, "0f03c1", 0x1005),  # lsl %ecx,%eax: Linux's CPU-number read, zero-extended
+    (0x10, "480f03c1", 0xFFFF_FFFF),  # G: 4-KiB units
+    (0x28, "0f03c1", 0x67),  # a 64-bit TSS (system descriptor, 16 bytes)
+    (0x60 | 3, "0f03c1", 0xFFF),  # conforming code: RPL 3 above DPL 0 is no obstacle
+    (0x68, "660f03c1", 0xDEAD_BEEF_DEAD_BCDE),  # 16-bit destination: the upper bits stay
+    (0x20, "0f02c1", 0xF500),  # lar: P, DPL 3, S, type 5 (no G/D bits here)
+    (0x50, "0f02c1", 0x0000_8C00),  # lar takes a call gate
+    (0x18, "660f02c1", 0xDEAD_BEEF_DEAD_9300),  # lar %cx,%ax: rights & 0xFF00
+    (0x18, "480f02c1", 0x00C0_9300),  # lar %rcx,%rax: G and D/B, P, S, type 3
+])
+def test_lsl_and_lar_load_a_valid_selectors_limit_or_rights_and_set_zf(gdt_cpu: Cpu, selector: int, code: str,
+                                                                     rax: int) -> None:
+    gdt_cpu.regs.rcx = 0xFFFF_0000 | selector  # only the low 16 bits are the selector
+    run(gdt_cpu, code)
+    assert gdt_cpu.regs.rax == rax
+    assert gdt_cpu.regs.rflags == 0x2 | RFLAGS_CF | RFLAGS_ZF  # ZF set, no other flag touched
+
+
+@pytest.mark.parametrize("selector, code, why", [
+    (0x0, "0f03c1", "the null selector"),
+    (0x3, "0f03c1", "the null selector with an RPL"),
+    (0x70, "0f03c1", "past the GDT limit"),
+    (0x68 | 3, "0f03c1", "RPL 3 above a data segment's DPL 0"),
+    (0x38, "0f03c1", "a 16-byte system descriptor whose upper half has a type"),
+    (0x48, "0f03c1", "a 16-bit TSS in IA-32e mode"),
+    (0x50, "0f03c1", "a call gate is no segment for LSL"),
+    (0x4, "0f03c1", "an LDT selector without an LDT"),
+    (0x68 | 3, "0f02c1", "LAR: RPL above DPL"),
+])
+def test_lsl_and_lar_clear_zf_and_leave_the_destination_for_a_selector_they_do_not_take(
+        gdt_cpu: Cpu, selector: int, code: str, why: str) -> None:
+    gdt_cpu.regs.rcx = selector
+    gdt_cpu.regs.rflags |= RFLAGS_ZF
+    run(gdt_cpu, code)
+    assert gdt_cpu.regs.rax == 0xDEAD_BEEF_DEAD_BEEF, why
+    assert gdt_cpu.regs.rflags == 0x2 | RFLAGS_CF, why
+
+
+def test_lsl_at_cpl_3_refuses_a_dpl_0_segment_and_takes_a_dpl_3_one(gdt_cpu: Cpu) -> None:
+    gdt_cpu.sregs.ss.dpl = 3
+    gdt_cpu.regs.rcx = 0x6B
+    run(gdt_cpu, "0f03c1")
+    assert not gdt_cpu.regs.rflags & RFLAGS_ZF and gdt_cpu.regs.rax == 0xDEAD_BEEF_DEAD_BEEF
+    gdt_cpu.regs.rip, gdt_cpu.regs.rcx = KERNEL_VA, 0x23
+    run(gdt_cpu, "0f03c1")
+    assert gdt_cpu.regs.rflags & RFLAGS_ZF and gdt_cpu.regs.rax == 0x1005
+
+
+def test_lsl_reads_its_selector_from_memory_and_the_ldt_when_ti_is_set(gdt_cpu: Cpu, mem: GuestMemory) -> None:
+    mem.write(0x20_0100, (0x24).to_bytes(2, "little"))  # TI set: the LDT's entry 4
+    mem.write_u64(0x20_0800 + 0x20, descriptor(limit=0x4321))
+    gdt_cpu.sregs.ldt.unusable, gdt_cpu.sregs.ldt.present = 0, 1
+    gdt_cpu.sregs.ldt.base, gdt_cpu.sregs.ldt.limit = DATA_VA + 0x800, 0x27
+    gdt_cpu.regs.rdi = DATA_VA + 0x100
+    run(gdt_cpu, "0f0307")  # lsl (%rdi),%eax
+    assert gdt_cpu.regs.rax == 0x4321 and gdt_cpu.regs.rflags & RFLAGS_ZF
+
+
+def test_lsl_is_ud_in_virtual_8086_and_real_mode(gdt_cpu: Cpu) -> None:
+    gdt_cpu.regs.rcx = 0x23
+    gdt_cpu.regs.rflags |= 1 << 17  # virtual-8086 mode
+    assert fault_of(gdt_cpu, "0f03c1").vector == E.UD
+    gdt_cpu.regs.rflags &= ~(1 << 17)
+    gdt_cpu.sregs.cr0, gdt_cpu.sregs.efer, gdt_cpu.regs.rip = 0, 0, 0x7000
+    assert fault_of(gdt_cpu, "0f03c1").vector == E.UD
+
+
+def test_lsl_faults_as_the_cpu_where_the_gdt_is_not_mapped(gdt_cpu: Cpu) -> None:
+    gdt_cpu.sregs.gdt.base = DATA_VA + 0x10_0000  # not mapped
+    gdt_cpu.regs.rcx = 0x23
+    fault = fault_of(gdt_cpu, "0f03c1")
+    assert (fault.vector, fault.error_code, fault.cr2) == (E.PF, 0, DATA_VA + 0x10_0020)
+
+
 def test_fwait_is_nothing_with_no_pending_exception_and_mf_or_nm_otherwise(mem: GuestMemory, tables: Tables) -> None:
     cpu = long_mode(mem, tables)
     run(cpu, "9b")
@@ -413,7 +519,7 @@ def test_kvm_pvm_parameters_hide_cx16_only_with_several_vcpus() -> None:
     assert avoid_cmdline(1) == ("noxsave", "clearcpuid=smap,popcnt,ssse3")
     assert avoid_cmdline(2) == ("noxsave", "clearcpuid=cx16,smap,popcnt,ssse3")
     assert host_cmdline(PVM, 1) == ("noxsave", "clearcpuid=smap,popcnt,ssse3", "lpj=1000000", "tsc=reliable",
-                                    "nowatchdog")
+                                    "nowatchdog", "rcupdate.rcu_cpu_stall_suppress=1")
     assert host_cmdline(HARDWARE, 4) == ()
 
 
@@ -445,7 +551,7 @@ def test_every_emulated_mnemonic_has_a_test_guest() -> None:
     guests = Path(__file__).parent / "guests"
     covered = {"int3": "int3", "fwait": "fwait", "cmpxchg16b": "emu_cmpxchg16b", "ldmxcsr": "emu_mxcsr",
                "stmxcsr": "emu_mxcsr", "xgetbv": "emu_xgetbv", "clac": "emu_smap", "stac": "emu_smap",
-               "popcnt": "emu_popcnt"}
+               "popcnt": "emu_popcnt", "lsl": "emu_lsl", "lar": "emu_lsl"}
     emulated = {m for m, h in E.HANDLERS.items() if h.emulate is not None}
     assert emulated == set(covered)
     for guest in covered.values():

@@ -158,6 +158,7 @@ EMULATION_GUESTS = [
     ("emu_xgetbv", b"xgetbv ok\n", 18, ("xgetbv",)),
     ("emu_smap", b"clac/stac ok\n", 19, ("clac", "stac")),
     ("emu_popcnt", b"popcnt ok\n", 20, ("popcnt",)),
+    ("emu_lsl", b"lsl/lar ok\n", 21, ("lsl", "lar")),
     ("int3", b"breakpoint handled\n", 3, ("int3",)),
     ("fwait", b"fwait done\n", 9, ("fwait",)),
 ]
