@@ -519,7 +519,8 @@ def test_kvm_pvm_parameters_hide_cx16_only_with_several_vcpus() -> None:
     assert avoid_cmdline(1) == ("noxsave", "clearcpuid=smap,popcnt,ssse3")
     assert avoid_cmdline(2) == ("noxsave", "clearcpuid=cx16,smap,popcnt,ssse3")
     assert host_cmdline(PVM, 1) == ("noxsave", "clearcpuid=smap,popcnt,ssse3", "lpj=1000000", "tsc=reliable",
-                                    "nowatchdog", "rcupdate.rcu_cpu_stall_suppress=1")
+                                    "nowatchdog", "rcupdate.rcu_cpu_stall_suppress=1",
+                                    "cryptomgr.notests=1")
     assert host_cmdline(HARDWARE, 4) == ()
 
 
