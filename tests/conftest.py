@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +41,15 @@ def kernel_dir() -> Path:
     if res.returncode != 0:
         pytest.fail(f"kernels/build.sh failed:\n{res.stderr[-3000:]}")
     return Path(res.stdout.strip().splitlines()[-1])
+
+
+def default_signal_dispositions() -> None:
+    """For ``preexec_fn``: SIGINT and SIGHUP as a user's terminal delivers them. A test run
+    started in the background (``nohup``, ``&`` in a script) inherits them ignored, and an
+    ignored signal stays ignored in the child (bash cannot even trap it), so tests of how a
+    process reacts to them would fail for the way pytest was started."""
+    for sig in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
 
 
 def run_kvmm(*args: str, stdin: bytes = b"", timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:

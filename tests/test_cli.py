@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_kvmm
+from conftest import ROOT, default_signal_dispositions, run_kvmm
 
 
 def error_lines(res) -> list[str]:  # type: ignore[no-untyped-def]
@@ -392,7 +392,8 @@ sys.exit(kvmm.cli.main(sys.argv[2:]))
 
 def test_sigint_before_the_vm_runs_is_one_line_and_status_130(guests) -> None:  # type: ignore[no-untyped-def]
     res = subprocess.run([sys.executable, "-c", SIGNAL_AT_START, "SIGINT", "--kernel", str(guests("serial_hello"))],
-                         capture_output=True, cwd=ROOT, timeout=60, stdin=subprocess.DEVNULL)
+                         capture_output=True, cwd=ROOT, timeout=60, stdin=subprocess.DEVNULL,
+                         preexec_fn=default_signal_dispositions)
     assert res.returncode == 130, res.stderr.decode()
     assert error_lines(res) == ["kvmm: error: interrupted (SIGINT)"]
 

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import default_signal_dispositions
+
 ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / "kernels" / "build.sh"
 OBJECTS = 40
@@ -144,7 +146,7 @@ def test_a_failed_build_shows_the_log_tail(tmp_path: Path) -> None:
 @pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 143), (signal.SIGHUP, 129)])
 def test_a_stopped_build_leaves_no_work_tree_and_no_make(tmp_path: Path, sig: signal.Signals, status: int) -> None:
     proc = subprocess.Popen([str(BUILD)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=build_env(tmp_path, 0.5))
+                            env=build_env(tmp_path, 0.5), preexec_fn=default_signal_dispositions)
     log = None
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:  # until make compiles
