@@ -417,11 +417,12 @@ class Cpu:
             la, n = (la + chunk) & mask, n - chunk
         return out
 
-    def read(self, la: int, n: int, for_write: bool = False) -> bytes:
+    def read(self, la: int, n: int, for_write: bool = False, paging: Paging | None = None) -> bytes:
         """``n`` bytes at linear address ``la``; ``for_write`` checks write access too
-        (a read-modify-write faults on a read-only page before it reads)."""
+        (a read-modify-write faults on a read-only page before it reads); ``paging``
+        replaces the vCPU's own (an implicit access, :meth:`read_system`)."""
         try:
-            return b"".join(self.mem.read(gpa, k) for gpa, k in self._pieces(la, n, for_write))
+            return b"".join(self.mem.read(gpa, k) for gpa, k in self._pieces(la, n, for_write, paging))
         except GuestMemoryError as exc:
             raise EmulationError(f"the operand at {la:#x} is not guest RAM ({exc})") from None
 
@@ -431,10 +432,7 @@ class Cpu:
         applies whatever RFLAGS.AC says)."""
         implicit = self.paging._replace(cpl=0, rflags=self.regs.rflags & ~RFLAGS_AC)
         mask = 0xFFFF_FFFF_FFFF_FFFF if self.bitness == 64 else 0xFFFF_FFFF
-        try:
-            return b"".join(self.mem.read(gpa, k) for gpa, k in self._pieces(la & mask, n, False, implicit))
-        except GuestMemoryError as exc:
-            raise EmulationError(f"the descriptor table at {la:#x} is not guest RAM ({exc})") from None
+        return self.read(la & mask, n, paging=implicit)
 
     def write(self, la: int, data: bytes) -> None:
         try:
@@ -653,12 +651,11 @@ def emulate_lsl(cpu: Cpu, insn: Any) -> None:
     entry (NMI, #MC, #DB) reads the CPU number from a GDT entry's limit this way on CPUs
     without RDPID."""
     descriptor = _selector_descriptor(cpu, insn, LSL_SYSTEM_TYPES)
-    if descriptor is None:
-        _load_if_valid(cpu, insn, None)
-        return
-    limit = (descriptor & 0xFFFF) | ((descriptor >> 32) & 0xF_0000)
-    if descriptor & (1 << 55):  # G: a limit in 4-KiB units
-        limit = (limit << 12) | 0xFFF
+    limit = None
+    if descriptor is not None:
+        limit = (descriptor & 0xFFFF) | ((descriptor >> 32) & 0xF_0000)
+        if descriptor & (1 << 55):  # G: a limit in 4-KiB units
+            limit = (limit << 12) | 0xFFF
     _load_if_valid(cpu, insn, limit)
 
 

@@ -420,6 +420,16 @@ def test_lsl_faults_as_the_cpu_where_the_gdt_is_not_mapped(gdt_cpu: Cpu) -> None
     assert (fault.vector, fault.error_code, fault.cr2) == (E.PF, 0, DATA_VA + 0x10_0020)
 
 
+def test_lsl_with_a_gdt_mapped_outside_guest_ram_is_reported_not_raised(gdt_cpu: Cpu, tables: Tables) -> None:
+    # A hostile guest's GDTR may name any page: one mapped past guest RAM ends in
+    # EmulationError (the vCPU stops with an explanation), never an unchecked access.
+    tables.map(DATA_VA + 0x40_0000, 0x7FFF_F000)  # far past the 16 MiB of guest RAM
+    gdt_cpu.sregs.gdt.base = DATA_VA + 0x40_0000
+    gdt_cpu.regs.rcx = 0x23
+    with pytest.raises(EmulationError, match="not guest RAM"):
+        run(gdt_cpu, "0f03c1")
+
+
 def test_fwait_is_nothing_with_no_pending_exception_and_mf_or_nm_otherwise(mem: GuestMemory, tables: Tables) -> None:
     cpu = long_mode(mem, tables)
     run(cpu, "9b")
